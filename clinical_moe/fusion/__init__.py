@@ -1,0 +1,6 @@
+"""Fusion heads. Importing this package registers every built-in head."""
+
+from clinical_moe.fusion import baselines  # noqa: F401
+from clinical_moe.fusion.base import FusionHead, masked_mean
+
+__all__ = ["FusionHead", "masked_mean"]

@@ -1,0 +1,118 @@
+"""Test helpers in the spirit of ``torch.testing``: valid random batches for any model.
+
+Users and outside contract suites rely on :func:`random_batch`; the noise helpers are what the
+registry-wide invariant tests use to check that absent modalities and padding are invisible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from clinical_moe.model import MultimodalModel, build_encoders
+from clinical_moe.types import Batch
+
+
+def _encoders_of(model_or_modalities):
+    if isinstance(model_or_modalities, MultimodalModel):
+        return dict(model_or_modalities.encoders.items()), model_or_modalities.head.num_classes
+    if isinstance(model_or_modalities, str):
+        model_or_modalities = (model_or_modalities,)
+    mods = tuple(model_or_modalities)
+    return build_encoders(mods, d_model=32, num_tokens=4), 1
+
+
+def draw_present(batch_size: int, num_modalities: int, generator: torch.Generator, p: float = 0.7):
+    """A random ``BoolTensor[B, M]`` with at least one True per row."""
+    present = torch.rand(batch_size, num_modalities, generator=generator) < p
+    empty = ~present.any(1)
+    pick = torch.randint(0, num_modalities, (batch_size,), generator=generator)
+    present[empty, pick[empty]] = True
+    return present
+
+
+def random_batch(
+    model_or_modalities: MultimodalModel | Sequence[str] | str,
+    batch_size: int = 4,
+    present: torch.Tensor | None = None,
+    seed: int = 0,
+    task: str | None = None,
+) -> Batch:
+    """A valid random :class:`Batch` for a model's modalities.
+
+    Args:
+        model_or_modalities: A model from :func:`clinical_moe.create_model` (its encoders say what
+            raw inputs look like), or modality names (default encoders are assumed).
+        batch_size: Rows B.
+        present: ``BoolTensor[B, M]``; drawn at random (>= 1 modality per row) when None.
+        seed: Seed of a private generator; the global RNG is untouched.
+        task: "binary", "multiclass" or "multilabel"; inferred from the model's classes when None.
+
+    Returns:
+        A batch whose absent rows are zero-filled, like the collate function produces.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    encoders, num_classes = _encoders_of(model_or_modalities)
+    mods = tuple(encoders)
+    if present is None:
+        present = draw_present(batch_size, len(mods), gen)
+    present = torch.as_tensor(present, dtype=torch.bool)
+    if present.shape != (batch_size, len(mods)):
+        raise ValueError(f"present must be ({batch_size}, {len(mods)}), got {tuple(present.shape)}")
+    inputs = {}
+    for m, name in enumerate(mods):
+        raw = encoders[name].random_inputs(batch_size, gen)
+        keep = present[:, m]
+        inputs[name] = {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in raw.items()}
+    task = task or ("binary" if num_classes == 1 else "multiclass")
+    if task == "binary":
+        labels = torch.randint(0, 2, (batch_size,), generator=gen).float()
+    elif task == "multiclass":
+        labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    elif task == "multilabel":
+        labels = torch.randint(0, 2, (batch_size, num_classes), generator=gen).float()
+    else:
+        raise ValueError(f"unknown task {task!r}; use binary, multiclass or multilabel")
+    return Batch(inputs, present, labels, ids=list(range(1000, 1000 + batch_size)), modalities=mods)
+
+
+def _noise_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if t.dtype == torch.bool:
+        return torch.rand(t.shape, generator=gen) < 0.5
+    if t.is_floating_point():
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype) * 3.0
+    hi = int(t.max().item()) + 1 if t.numel() else 2
+    return torch.randint(0, max(hi, 2), t.shape, generator=gen, dtype=t.dtype)
+
+
+def noise_absent(batch: Batch, seed: int = 1) -> Batch:
+    """Fill the inputs of every absent (row, modality) with noise; masks are left as they are."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for m, name in enumerate(batch.modalities):
+        absent = ~batch.present[:, m]
+        new = {}
+        for k, v in batch.inputs[name].items():
+            sel = absent.view(-1, *([1] * (v.dim() - 1))).expand_as(v)
+            new[k] = torch.where(sel, _noise_like(v, gen), v)
+        inputs[name] = new
+    return replace(batch, inputs=inputs)
+
+
+def noise_padding(batch: Batch, model: MultimodalModel, seed: int = 2) -> Batch:
+    """Fill every padded position (per each encoder's ``padding`` spec) with noise."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for name in batch.modalities:
+        spec = model.encoders[name].padding
+        new = dict(batch.inputs[name])
+        for key, mask_key in spec.items():
+            if key not in new or mask_key not in batch.inputs[name]:
+                continue
+            v, mask = new[key], batch.inputs[name][mask_key].bool()
+            mask = mask.view(*mask.shape, *([1] * (v.dim() - mask.dim()))).expand_as(v)
+            new[key] = torch.where(mask, v, _noise_like(v, gen))
+        inputs[name] = new
+    return replace(batch, inputs=inputs)
