@@ -116,3 +116,16 @@ def noise_padding(batch: Batch, model: MultimodalModel, seed: int = 2) -> Batch:
             new[key] = torch.where(mask, v, _noise_like(v, gen))
         inputs[name] = new
     return replace(batch, inputs=inputs)
+
+
+def cat_batches(*batches: Batch) -> Batch:
+    """Concatenate batches with the same modalities and input shapes along the batch dimension."""
+    first = batches[0]
+    inputs = {
+        name: {k: torch.cat([b.inputs[name][k] for b in batches]) for k in first.inputs[name]}
+        for name in first.modalities
+    }
+    labels = None if first.labels is None else torch.cat([b.labels for b in batches])
+    ids = [i for b in batches for i in b.ids]
+    present = torch.cat([b.present for b in batches])
+    return Batch(inputs, present, labels, ids=ids, modalities=first.modalities)

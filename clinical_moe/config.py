@@ -1,0 +1,291 @@
+"""Typed configs: YAML -> dataclasses -> plain keyword arguments for builders.
+
+``load_config(path, overrides)`` reads a YAML file (which may ``include`` others, e.g. a data
+config), applies ``key.sub=value`` overrides, and returns a :class:`Config`. Unknown keys and
+values of the wrong type are errors that name the key (and the closest valid key), raised before any
+work starts. ``nn.Module`` s never see these objects: builders unpack them into keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clinical_moe.registry import closest
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how stays become model inputs."""
+
+    root: str = "runs/demo/corpus"  # raw corpus root holding mimic-iv/, mimic-cxr/, mimic-iv-ecg/, mimic-iv-note/
+    cache_dir: str = "runs/demo/cache"  # preprocessed arrays + manifest (built when absent)
+    task: str = "ihm48"  # ihm48 | los3 | los7 | phenotype
+    modalities: list[str] = field(default_factory=lambda: ["ehr", "cxr", "ecg", "notes"])
+    window_hours: float = 48.0  # inputs come from [intime, intime + window]
+    cxr_view_positions: list[str] | None = None  # e.g. ["AP"]; None keeps every view
+    max_events: int = 1  # images / ECGs / notes kept per stay (the latest ones)
+    image_size: int = 64  # CXR side after resizing (224 for real backbones)
+    ecg_samples: int = 1250  # ECG length fed to the model after decimation (5000 = full 500 Hz)
+    note_max_len: int = 128  # tokens per note
+    note_vocab: int = 5000  # tokenizer vocabulary size (fitted on the train split)
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    workers: int = 2  # preprocessing processes
+    variables_file: str | None = None  # custom variable map CSV (default: the packaged one)
+
+
+@dataclass
+class ModelConfig:
+    """Which head and encoders to build (see ``clinical_moe.create_model``)."""
+
+    name: str = "fusemoe"  # a name from clinical_moe.list_models()
+    d_model: int = 32  # shared token width D
+    num_tokens: int = 4  # tokens per modality T
+    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-modality encoder options
+    head: dict[str, Any] = field(default_factory=dict)  # head options (the head's constructor kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-2
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    patience: int = 5  # early stopping on validation AUROC
+    modality_dropout: float = 0.0  # train-time augmentation: drop each present modality w.p. p
+    sampler: str = "random"  # random | by_modality_count (Flex-MoE warm-up ordering)
+    warmup_epochs: int = 0  # epochs ordered by number of observed modalities (sampler=by_modality_count)
+    num_workers: int = 0  # DataLoader workers
+    checkpoint_dir: str = "runs/checkpoints"
+    max_steps_per_epoch: int | None = None  # cap for smoke runs
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded (MLflow)."""
+
+    uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "clinical_moe"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation under simulated missingness."""
+
+    mechanisms: list[str] = field(default_factory=lambda: ["mcar"])
+    rates: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    patterns: bool = True  # also every fixed non-empty modality subset
+    bootstrap: int = 200  # bootstrap resamples for 95% CIs
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = 0  # one seed makes a CPU run reproducible
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _deep_merge(base: dict, new: Mapping) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    merged: dict = {}
+    includes = raw.pop("include", []) or []
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*seen, path)))
+    return _deep_merge(merged, raw)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    d[keys[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["train.lr=1e-3", "model.head={top_k: 2}"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(value))
+    return out
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce / validate ``value`` against the annotation ``tp``; raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a valid {tp}")
+    if tp is Any:
+        return value
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp in (int, float, bool, str):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Mapping, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {name!r}{closest(str(key), fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{name}.")
+        else:
+            kwargs[key] = _check_type(name, value, tp)
+    return cls(**kwargs)
+
+
+def load_config(
+    source: str | Path | Mapping | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """Load and validate a run config.
+
+    Args:
+        source: A YAML path, an already-parsed mapping, or None for the defaults.
+        overrides: ``key.sub=value`` strings applied last (values parsed as YAML).
+
+    Raises:
+        ConfigError: for unknown keys (naming the closest valid one), wrong types, or bad values.
+    """
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = _read_yaml(Path(source))
+    data = _deep_merge(data, parse_overrides(overrides))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than types: names exist in registries, values are in range."""
+    from clinical_moe.model import list_models
+    from clinical_moe.registry import HEADS
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(
+            f"model.name: unknown model {cfg.model.name!r}{closest(cfg.model.name, list_models())}"
+        )
+    import inspect
+
+    params = inspect.signature(HEADS.get(cfg.model.name)).parameters
+    reserved = {"modalities", "d_model", "num_classes", "num_tokens"}
+    for key in cfg.model.head:
+        if key in reserved or key not in params:
+            valid = [p for p in params if p not in reserved and p != "self"]
+            raise ConfigError(f"unknown config key 'model.head.{key}'{closest(key, valid)}")
+    if not cfg.data.modalities:
+        raise ConfigError("data.modalities: at least one modality is required")
+    if cfg.data.task not in ("ihm48", "los3", "los7", "phenotype"):
+        raise ConfigError(f"data.task: unknown task {cfg.data.task!r}")
+    if cfg.train.scheduler not in ("cosine", "constant"):
+        raise ConfigError(f"train.scheduler: {cfg.train.scheduler!r} is not one of cosine, constant")
+    if cfg.train.sampler not in ("random", "by_modality_count"):
+        raise ConfigError(f"train.sampler: {cfg.train.sampler!r} is not random or by_modality_count")
+    for name, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if not 0.0 <= cfg.train.modality_dropout < 1.0:
+        raise ConfigError("train.modality_dropout: must be in [0, 1)")
+    if abs(sum(cfg.data.split_fractions) - 1.0) > 1e-6 or len(cfg.data.split_fractions) != 3:
+        raise ConfigError("data.split_fractions: three fractions (train, val, test) summing to 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts (for YAML dumps and MLflow artifacts)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config | Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}``: dotted keys, for MLflow params."""
+    d = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
