@@ -1,0 +1,152 @@
+"""Writing shards in the cache layout of :mod:`clinical_moe.data.store`.
+
+The preprocessing pipeline and the test helpers both write through :class:`ShardWriter`, so there
+is one definition of the on-disk format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clinical_moe.data.store import EVENT_ARRAY, save_array, shard_dir
+
+
+class ShardWriter:
+    """Accumulate the stays of one shard, then write them atomically.
+
+    Args:
+        cache_dir: The cache directory.
+        shard: Shard index.
+        modalities: Modalities stored in the cache.
+        num_events: Event slots per stay for event modalities (N).
+        event_shapes: Per event modality, the shape of one event's array (e.g. cxr (H, W)).
+        num_variables: EHR variables V.
+        num_static: EHR static features S.
+    """
+
+    DTYPES = {"cxr": np.uint8, "ecg": np.float16, "notes": np.int32}
+
+    def __init__(self, cache_dir: str | Path, shard: int, modalities: Sequence[str], num_events: int,
+                 event_shapes: dict[str, tuple[int, ...]], num_variables: int, num_static: int):
+        self.path = shard_dir(cache_dir, shard)
+        self.shard = shard
+        self.modalities = tuple(modalities)
+        self.N = num_events
+        self.event_shapes = event_shapes
+        self.V, self.S = num_variables, num_static
+        self.rows: list[dict] = []
+        self.ehr: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.static: list[np.ndarray] = []
+        self.events: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
+        self.times: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
+        self.masks: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
+
+    def add(self, meta: dict, ehr: dict | None = None, events: dict | None = None) -> None:
+        """Add one stay.
+
+        Args:
+            meta: Manifest fields (stay_id, subject_id, split, labels, ...).
+            ehr: ``{"values" (L, V), "obs_mask" (L, V), "times" (L,), "static" (S,)}`` or None.
+            events: ``{modality: (arrays (n, *shape), times (n,))}`` with n <= N, or missing keys.
+        """
+        events = events or {}
+        row = dict(meta)
+        if "ehr" in self.modalities:
+            has = ehr is not None and len(ehr["times"]) > 0
+            row["has_ehr"] = has
+            if has:
+                self.ehr.append((ehr["values"].astype(np.float32), ehr["obs_mask"].astype(bool),
+                                 ehr["times"].astype(np.float32)))
+            else:
+                self.ehr.append((np.zeros((0, self.V), np.float32), np.zeros((0, self.V), bool),
+                                 np.zeros(0, np.float32)))
+            static = ehr["static"] if ehr is not None else meta.get("_static")
+            self.static.append(np.zeros(self.S, np.float32) if static is None else np.asarray(static, np.float32))
+        row.pop("_static", None)
+        for m in self.events:
+            shape = self.event_shapes[m]
+            arr = np.zeros((self.N, *shape), self.DTYPES[m])
+            t = np.zeros(self.N, np.float32)
+            mask = np.zeros(self.N, bool)
+            if m in events and events[m] is not None and len(events[m][0]):
+                data, times = events[m]
+                n = min(len(data), self.N)
+                arr[:n], t[:n], mask[:n] = data[-n:], times[-n:], True
+            row[f"has_{m}"] = bool(mask.any())
+            self.events[m].append(arr)
+            self.times[m].append(t)
+            self.masks[m].append(mask)
+        row["shard"], row["row"] = self.shard, len(self.rows)
+        self.rows.append(row)
+
+    def close(self) -> pd.DataFrame:
+        """Write every array, then the ``DONE`` marker; returns the shard's manifest rows."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        n = len(self.rows)
+        if "ehr" in self.modalities:
+            lengths = np.array([len(t) for _, _, t in self.ehr], np.int64)
+            save_array(self.path / "ehr_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+            save_array(self.path / "ehr_values.npy", np.concatenate([v for v, _, _ in self.ehr]) if n else np.zeros((0, self.V), np.float32))
+            save_array(self.path / "ehr_obs.npy", np.concatenate([o for _, o, _ in self.ehr]) if n else np.zeros((0, self.V), bool))
+            save_array(self.path / "ehr_times.npy", np.concatenate([t for _, _, t in self.ehr]) if n else np.zeros(0, np.float32))
+            save_array(self.path / "ehr_static.npy", np.stack(self.static) if n else np.zeros((0, self.S), np.float32))
+        for m in self.events:
+            shape = (0, self.N, *self.event_shapes[m])
+            save_array(self.path / f"{EVENT_ARRAY[m]}.npy", np.stack(self.events[m]) if n else np.zeros(shape, self.DTYPES[m]))
+            save_array(self.path / f"{m}_times.npy", np.stack(self.times[m]) if n else np.zeros((0, self.N), np.float32))
+            save_array(self.path / f"{m}_event_mask.npy", np.stack(self.masks[m]) if n else np.zeros((0, self.N), bool))
+        meta = pd.DataFrame(self.rows)
+        meta.to_parquet(self.path / "meta.parquet", index=False)
+        (self.path / "DONE").write_text(str(n))
+        return meta
+
+
+def ehr_train_stats(cache_dir: str | Path, manifest: pd.DataFrame, num_variables: int) -> dict:
+    """Per-variable mean / std of observed EHR values over the train split (streamed by shard)."""
+    total = np.zeros(num_variables)
+    sq = np.zeros(num_variables)
+    count = np.zeros(num_variables)
+    train = manifest[(manifest["split"] == "train") & manifest.get("has_ehr", False)]
+    for shard, rows in train.groupby("shard"):
+        path = shard_dir(cache_dir, int(shard))
+        off = np.load(path / "ehr_offsets.npy")
+        values = np.load(path / "ehr_values.npy", mmap_mode="r")
+        obs = np.load(path / "ehr_obs.npy", mmap_mode="r")
+        sel = np.concatenate([np.arange(off[r], off[r + 1]) for r in rows["row"]] or [np.zeros(0, int)])
+        v = np.asarray(values[sel], np.float64)
+        o = np.asarray(obs[sel], bool)
+        total += np.where(o, v, 0).sum(0)
+        sq += np.where(o, v * v, 0).sum(0)
+        count += o.sum(0)
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    var = np.divide(sq, count, out=np.ones_like(sq), where=count > 0) - mean**2
+    std = np.sqrt(np.clip(var, 1e-6, None))
+    std[count == 0] = 1.0
+    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+
+
+def finalize_cache(cache_dir: str | Path, shard_meta: Sequence[pd.DataFrame], summary: dict,
+                   num_variables: int | None = None) -> pd.DataFrame:
+    """Join the shards' manifests, fit EHR statistics on train, write manifest and summary."""
+    from clinical_moe.data.store import write_json
+
+    cache_dir = Path(cache_dir)
+    manifest = pd.concat(list(shard_meta), ignore_index=True) if shard_meta else pd.DataFrame()
+    if num_variables and "has_ehr" in manifest:
+        write_json(cache_dir / "ehr_stats.json", ehr_train_stats(cache_dir, manifest, num_variables))
+    mods = [c[4:] for c in manifest.columns if c.startswith("has_")]
+    summary = {
+        **summary,
+        "num_stays": len(manifest),
+        "split_counts": manifest["split"].value_counts().to_dict() if len(manifest) else {},
+        "present_counts": {m: int(manifest[f"has_{m}"].sum()) for m in mods},
+    }
+    tmp = cache_dir / "manifest.parquet.tmp"
+    manifest.to_parquet(tmp, index=False)
+    tmp.replace(cache_dir / "manifest.parquet")
+    write_json(cache_dir / "summary.json", summary)
+    return manifest

@@ -1,0 +1,141 @@
+"""The on-disk layout of the preprocessing cache, shared by the writer and the readers.
+
+A cache directory holds::
+
+    manifest.parquet         one row per stay: ids, split, labels, has_<modality>, shard, row
+    summary.json             counts, exclusions, skipped files by reason (no patient text)
+    ehr_stats.json           per-variable mean / std fitted on the train split
+    tokenizer.json           note vocabulary fitted on the train split
+    shards/00000/            arrays of the stays of one shard (written atomically, then DONE)
+        ehr_values.npy (sum L, V) float32   ehr_obs.npy (sum L, V) bool   ehr_times.npy (sum L,)
+        ehr_offsets.npy (n + 1,) int64      ehr_static.npy (n, S) float32
+        cxr_image.npy (n, N, H, W) uint8    ecg_signal.npy (n, N, 12, S) float16
+        notes_ids.npy (n, N, L) int32       <m>_times.npy (n, N) float32   <m>_event_mask.npy (n, N) bool
+        meta.parquet  the shard's manifest rows       DONE  marker: the shard is complete
+
+Arrays are memory-mapped on read, so a dataset of any size opens instantly and reads lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EVENT_MODALITIES = ("cxr", "ecg", "notes")
+EVENT_ARRAY = {"cxr": "cxr_image", "ecg": "ecg_signal", "notes": "notes_ids"}
+
+
+def shard_dir(cache_dir: str | Path, shard: int) -> Path:
+    return Path(cache_dir) / "shards" / f"{shard:05d}"
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class Shard:
+    """Lazily memory-mapped arrays of one shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> np.ndarray | None:
+        if name not in self._arrays:
+            f = self.path / f"{name}.npy"
+            if not f.exists():
+                return None
+            self._arrays[name] = np.load(f, mmap_mode="r")
+        return self._arrays[name]
+
+
+class CacheStore:
+    """Read access to a finished cache directory.
+
+    Args:
+        cache_dir: A directory written by :func:`clinical_moe.data.cache.build_cache`.
+    """
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        manifest = self.cache_dir / "manifest.parquet"
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{manifest} not found: run `clinical-moe preprocess` (or build_cache) first"
+            )
+        self.manifest = pd.read_parquet(manifest)
+        self._shards: dict[int, Shard] = {}
+
+    @cached_property
+    def summary(self) -> dict:
+        return json.loads((self.cache_dir / "summary.json").read_text())
+
+    @cached_property
+    def ehr_stats(self) -> dict[str, np.ndarray]:
+        path = self.cache_dir / "ehr_stats.json"
+        if not path.exists():
+            return {}
+        raw = json.loads(path.read_text())
+        return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
+
+    @property
+    def label_columns(self) -> list[str]:
+        return list(self.summary.get("label_columns", ["label"]))
+
+    def shard(self, k: int) -> Shard:
+        if k not in self._shards:
+            self._shards[k] = Shard(shard_dir(self.cache_dir, k))
+        return self._shards[k]
+
+    def __getstate__(self):
+        # Memory maps are reopened lazily in DataLoader workers rather than pickled.
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+    def read(self, modality: str, shard: int, row: int) -> dict[str, np.ndarray]:
+        """Raw (unpadded) arrays of one stay's modality, in the model's input schema."""
+        s = self.shard(shard)
+        if modality == "ehr":
+            off = s.array("ehr_offsets")
+            a, b = int(off[row]), int(off[row + 1])
+            values = np.array(s.array("ehr_values")[a:b], dtype=np.float32)
+            obs = np.array(s.array("ehr_obs")[a:b], dtype=bool)
+            stats = self.ehr_stats
+            if stats:
+                values = (values - stats["mean"]) / stats["std"]
+                values[~obs] = 0.0
+            return {
+                "values": values,
+                "obs_mask": obs,
+                "times": np.array(s.array("ehr_times")[a:b], dtype=np.float32),
+                "static": np.array(s.array("ehr_static")[row], dtype=np.float32),
+            }
+        out = {
+            "times": np.array(s.array(f"{modality}_times")[row], dtype=np.float32),
+            "event_mask": np.array(s.array(f"{modality}_event_mask")[row], dtype=bool),
+        }
+        data = np.asarray(s.array(EVENT_ARRAY[modality])[row])
+        if modality == "cxr":
+            out["image"] = (data.astype(np.float32) / 255.0)[:, None]  # (N, 1, H, W)
+        elif modality == "ecg":
+            out["signal"] = data.astype(np.float32)  # (N, 12, S)
+        else:
+            out["input_ids"] = data.astype(np.int64)  # (N, L)
+            out["attention_mask"] = data != 0
+        return out
