@@ -83,8 +83,14 @@ class ShardWriter:
         row["shard"], row["row"] = self.shard, len(self.rows)
         self.rows.append(row)
 
-    def close(self) -> pd.DataFrame:
-        """Write every array, then the ``DONE`` marker; returns the shard's manifest rows."""
+    def close(self, skips: list[dict] | None = None) -> pd.DataFrame:
+        """Write every array and the skip log, then the ``DONE`` marker; returns the manifest rows.
+
+        Args:
+            skips: Files skipped while decoding this shard (``modality, stay_id, path, reason``).
+        """
+        from clinical_moe.data.store import write_json
+
         self.path.mkdir(parents=True, exist_ok=True)
         n = len(self.rows)
         if "ehr" in self.modalities:
@@ -101,6 +107,7 @@ class ShardWriter:
             save_array(self.path / f"{m}_event_mask.npy", np.stack(self.masks[m]) if n else np.zeros((0, self.N), bool))
         meta = pd.DataFrame(self.rows)
         meta.to_parquet(self.path / "meta.parquet", index=False)
+        write_json(self.path / "skips.json", skips or [])
         (self.path / "DONE").write_text(str(n))
         return meta
 

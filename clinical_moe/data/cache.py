@@ -1,0 +1,195 @@
+"""One preprocessing pass: raw MIMIC-layout files -> compact, memory-mapped arrays + manifest.
+
+The pass reads the tables once (events streamed in chunks), pairs images / ECGs / notes to stays,
+fits the note tokenizer on the train split, then decodes the signals shard by shard in parallel
+worker processes. Each shard is written atomically with a ``DONE`` marker, so an interrupted run
+resumes without redoing finished shards. A file that cannot be read (corrupt or truncated DICOM /
+WFDB, missing ``.dat``, wrong rate, NaN signal, unknown leads) is skipped: that modality becomes
+missing for that stay, the skip is logged and counted by reason in ``summary.json``, and the stay
+is kept. No free text of a patient is written anywhere but the token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from clinical_moe.config import Config, DataConfig
+from clinical_moe.data.cache_writer import ShardWriter, finalize_cache
+from clinical_moe.data.errors import LoaderError
+from clinical_moe.data.store import shard_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class ShardTask:
+    """Everything a worker needs to write one shard (picklable, no open files)."""
+
+    index: int
+    meta: list[dict]  # manifest fields per stay
+    ehr: list[dict | None]  # per stay raw EHR arrays or None
+    cxr: list[list[tuple[str, float]]]  # per stay [(path, hours)]
+    ecg: list[list[tuple[str, float]]]
+    notes: list[tuple[np.ndarray, np.ndarray] | None]  # per stay (ids (n, L), hours (n,))
+    modalities: tuple[str, ...]
+    num_events: int
+    image_size: int
+    ecg_samples: int
+    note_len: int
+    num_variables: int
+    num_static: int
+    cache_dir: str
+    skips: list[dict] = field(default_factory=list)
+
+
+def _read_images(items, image_size, skips, stay_id):
+    from clinical_moe.data.cxr import cxr_transform, read_cxr
+
+    tf = cxr_transform(image_size)
+    arrays, times = [], []
+    for path, hours in items:
+        try:
+            img = tf(read_cxr(path))[0]  # (H, W) in [0, 1]
+        except LoaderError as err:
+            skips.append({"modality": "cxr", "stay_id": stay_id, "path": err.path, "reason": err.reason})
+            continue
+        arrays.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+        times.append(hours)
+    return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
+
+
+def _read_ecgs(items, ecg_samples, skips, stay_id):
+    from clinical_moe.data.ecg import read_ecg
+
+    arrays, times = [], []
+    for path, hours in items:
+        try:
+            # 10 s at the rate that gives ecg_samples (e.g. 1250 -> 125 Hz, anti-aliased)
+            sig = read_ecg(path, fs=ecg_samples / 10.0).signal  # (12, S) mV
+        except LoaderError as err:
+            skips.append({"modality": "ecg", "stay_id": stay_id, "path": err.path, "reason": err.reason})
+            continue
+        arrays.append(sig.astype(np.float16))
+        times.append(hours)
+    return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
+
+
+def write_shard(task: ShardTask) -> tuple[pd.DataFrame, list[dict]]:
+    """Decode and write one shard (runs in a worker process)."""
+    shapes = {"cxr": (task.image_size, task.image_size), "ecg": (12, task.ecg_samples),
+              "notes": (task.note_len,)}
+    writer = ShardWriter(task.cache_dir, task.index, task.modalities, task.num_events, shapes,
+                         task.num_variables, task.num_static)
+    skips: list[dict] = []
+    for i, meta in enumerate(task.meta):
+        sid = meta["stay_id"]
+        events = {}
+        if "cxr" in task.modalities and task.cxr[i]:
+            events["cxr"] = _read_images(task.cxr[i], task.image_size, skips, sid)
+        if "ecg" in task.modalities and task.ecg[i]:
+            events["ecg"] = _read_ecgs(task.ecg[i], task.ecg_samples, skips, sid)
+        if "notes" in task.modalities and task.notes[i] is not None:
+            events["notes"] = task.notes[i]
+        writer.add(meta, ehr=task.ehr[i] if "ehr" in task.modalities else None, events=events)
+    return writer.close(skips), skips
+
+
+def _fingerprint(cfg: Config) -> str:
+    """Hash of everything that decides the cache content (resume refuses a different one)."""
+    d = asdict(cfg.data)
+    for key in ("cache_dir", "workers"):
+        d.pop(key)
+    d["seed"] = cfg.seed
+    return sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_cache(cfg: Config, resume: bool = True, quiet: bool = False, shard_size: int = 256) -> Path:
+    """Preprocess ``cfg.data.root`` into ``cfg.data.cache_dir`` (see :mod:`clinical_moe.data.store`).
+
+    Args:
+        cfg: The run config (``data`` section and ``seed``).
+        resume: Keep shards already marked ``DONE`` by an interrupted run with the same settings.
+        quiet: No progress bars.
+        shard_size: Stays per shard (the unit of parallelism and of resume).
+
+    Returns:
+        The cache directory.
+    """
+    from clinical_moe.data.plan import plan_stays
+
+    d: DataConfig = cfg.data
+    cache_dir = Path(d.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(cfg)
+    fp_file = cache_dir / "fingerprint.json"
+    if fp_file.exists():
+        old = json.loads(fp_file.read_text()).get("fingerprint")
+        if old != fp and resume:
+            raise ValueError(
+                f"{cache_dir} holds a cache built with other data settings ({old} != {fp}); "
+                "delete it or choose another data.cache_dir"
+            )
+    write_json(fp_file, {"fingerprint": fp})
+
+    plan = plan_stays(cfg, quiet=quiet)
+    stays = plan.stays
+    tasks = []
+    for k, start in enumerate(range(0, len(stays), shard_size)):
+        if resume and (shard_dir(cache_dir, k) / "DONE").exists():
+            continue
+        part = stays.iloc[start : start + shard_size]
+        ids = part["stay_id"].astype(int).tolist()
+        tasks.append(ShardTask(
+            index=k,
+            meta=plan.meta(part),
+            ehr=[plan.ehr.get(s) for s in ids],
+            cxr=[plan.cxr.get(s, []) for s in ids],
+            ecg=[plan.ecg.get(s, []) for s in ids],
+            notes=[plan.notes.get(s) for s in ids],
+            modalities=tuple(d.modalities), num_events=d.max_events, image_size=d.image_size,
+            ecg_samples=d.ecg_samples, note_len=d.note_max_len, num_variables=plan.num_variables,
+            num_static=plan.num_static, cache_dir=str(cache_dir),
+        ))
+    n_shards = -(-len(stays) // shard_size)
+    logger.info("preprocess: %d stays in %d shards (%d to do)", len(stays), n_shards, len(tasks))
+    workers = max(1, min(d.workers, len(tasks), os.cpu_count() or 1))
+    bar = tqdm(total=len(tasks), desc="preprocess shards", unit="shard", disable=quiet)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(write_shard, tasks):
+                bar.update()
+    else:
+        for t in tasks:
+            write_shard(t)
+            bar.update()
+    bar.close()
+
+    metas, skips = [], []
+    for k in range(n_shards):
+        path = shard_dir(cache_dir, k)
+        metas.append(pd.read_parquet(path / "meta.parquet"))
+        skips += json.loads((path / "skips.json").read_text())
+    for s in skips:
+        logger.warning("skipped %s file %s (stay %s): %s", s["modality"], s["path"], s["stay_id"], s["reason"])
+    summary = {
+        **plan.summary,
+        "fingerprint": fp,
+        "skipped_files": {
+            "total": len(skips),
+            "by_modality_reason": {f"{m}:{r}": c for (m, r), c in
+                                   sorted(Counter((s["modality"], s["reason"]) for s in skips).items())},
+            "files": skips[:1000],
+        },
+    }
+    finalize_cache(cache_dir, metas, summary, num_variables=plan.num_variables if "ehr" in d.modalities else None)
+    return cache_dir

@@ -1,0 +1,170 @@
+"""The table-level half of preprocessing: cohort, EHR arrays, and which files belong to each stay.
+
+Everything here reads tables (streamed where large) in the parent process; decoding the images and
+waveforms that the plan points to happens shard by shard in :mod:`clinical_moe.data.cache`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clinical_moe.config import Config
+
+logger = logging.getLogger(__name__)
+
+RELEASES = {"ehr": "mimic-iv", "cxr": "mimic-cxr", "ecg": "mimic-iv-ecg", "notes": "mimic-iv-note"}
+
+
+@dataclass
+class StayPlan:
+    """What preprocessing will write, stay by stay.
+
+    Attributes:
+        stays: The cohort (one row per stay, sorted by stay_id).
+        label_columns: Label columns of the task.
+        ehr: stay_id -> raw EHR arrays (values, obs_mask, times, static) for stays with events.
+        cxr / ecg: stay_id -> [(absolute file path, hours since intime)], oldest first.
+        notes: stay_id -> (token ids (n, L) int32, hours (n,)) of the notes before prediction time.
+        num_variables / num_static: EHR widths V and S.
+        summary: Counts for the preprocessing summary (no patient text).
+    """
+
+    stays: pd.DataFrame
+    label_columns: list[str]
+    ehr: dict[int, dict] = field(default_factory=dict)
+    cxr: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
+    ecg: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
+    notes: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    num_variables: int = 0
+    num_static: int = 0
+    summary: dict = field(default_factory=dict)
+
+    def meta(self, part: pd.DataFrame) -> list[dict]:
+        """Manifest fields of the stays in ``part``."""
+        cols = ["stay_id", "subject_id", "hadm_id", "split", *self.label_columns]
+        out = part[cols].copy()
+        for c in ("stay_id", "subject_id", "hadm_id"):
+            out[c] = out[c].astype("int64")
+        for c in self.label_columns:
+            out[c] = out[c].astype("float32")
+        return out.to_dict("records")
+
+
+def _events_by_stay(pairs: pd.DataFrame | None, root: Path) -> dict[int, list[tuple[str, float]]]:
+    if pairs is None or pairs.empty:
+        return {}
+    pairs = pairs.sort_values(["stay_id", "hours"], kind="stable")
+    paths = [str(root / p) for p in pairs["path"].astype(str)]
+    out: dict[int, list[tuple[str, float]]] = {}
+    for sid, path, hours in zip(pairs["stay_id"].astype(int), paths, pairs["hours"].astype(float)):
+        out.setdefault(int(sid), []).append((path, hours))
+    return out
+
+
+def _release(root: Path, modality: str) -> Path | None:
+    path = root / RELEASES[modality]
+    if not path.is_dir():
+        warnings.warn(f"{path} not found: modality {modality!r} will be missing for every stay",
+                      stacklevel=3)
+        return None
+    return path
+
+
+def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
+    """Build the cohort and collect each stay's EHR arrays, files and note tokens."""
+    from clinical_moe.data.cohort import build_cohort
+    from clinical_moe.data.ehr import load_ehr_events, static_features, time_series
+
+    d = cfg.data
+    root = Path(d.root)
+    mimic_iv = root / RELEASES["ehr"]
+    if not mimic_iv.is_dir():
+        raise FileNotFoundError(f"MIMIC-IV root not found: {mimic_iv} (data.root = {root})")
+    cohort = build_cohort(mimic_iv, task=d.task, seed=cfg.seed, split_fractions=d.split_fractions,
+                          prediction_hours=d.window_hours, variables=d.variables_file)
+    cohort = cohort.sort_values("stay_id", kind="stable").reset_index(drop=True)
+    label_columns = list(cohort.attrs.get("label_columns", ["label"]))
+    plan = StayPlan(cohort, label_columns)
+    summary: dict = {
+        "task": d.task,
+        "modalities": list(d.modalities),
+        "label_columns": label_columns,
+        "cohort_exclusions": dict(cohort.attrs.get("exclusions", {})),
+        "label_prevalence": {c: float(cohort[c].mean()) for c in label_columns},
+    }
+    modalities = set(d.modalities)
+
+    # EHR time series + static features
+    static = static_features(cohort)
+    plan.num_static = static.shape[1]
+    if "ehr" in modalities:
+        events = load_ehr_events(mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours)
+        series = time_series(events, cohort["stay_id"].astype(int))
+        plan.num_variables = len(events.variables)
+        static_arr = np.nan_to_num(static.to_numpy(np.float32))
+        static_arr[:, 0] = static_arr[:, 0] / 100.0  # age in centuries: O(1) without fitting
+        row_of = {int(s): i for i, s in enumerate(static.index)}
+        for sid, ts in series.items():
+            if len(ts.times):
+                plan.ehr[sid] = {"values": ts.values, "obs_mask": ts.obs_mask, "times": ts.times,
+                                 "static": static_arr[row_of[sid]]}
+        summary["ehr"] = {"variables": list(events.variables), "dropped_values": events.dropped,
+                          "missing_sources": list(events.missing_sources),
+                          "stays_without_events": int(len(cohort) - len(plan.ehr))}
+
+    if "cxr" in modalities and (cxr_root := _release(root, "cxr")) is not None:
+        from clinical_moe.data.cxr import pair_cxr, read_cxr_metadata
+
+        pairs = pair_cxr(cohort, read_cxr_metadata(cxr_root), window_hours=d.window_hours,
+                         view_positions=d.cxr_view_positions, keep="last_n", n=d.max_events)
+        plan.cxr = _events_by_stay(pairs, cxr_root)
+        summary["cxr"] = {"paired_images": int(len(pairs)), "stays": len(plan.cxr)}
+
+    if "ecg" in modalities and (ecg_root := _release(root, "ecg")) is not None:
+        from clinical_moe.data.ecg import pair_ecg, read_record_list
+
+        pairs = pair_ecg(cohort, read_record_list(ecg_root), window_hours=d.window_hours,
+                         keep="last_n", n=d.max_events)
+        plan.ecg = _events_by_stay(pairs, ecg_root)
+        summary["ecg"] = {"paired_records": int(len(pairs)), "stays": len(plan.ecg)}
+
+    if "notes" in modalities and (note_root := _release(root, "notes")) is not None:
+        plan.notes, summary["notes"] = _plan_notes(cohort, note_root, d)
+
+    summary["encoder_kwargs"] = {
+        "ehr": {"num_variables": plan.num_variables, "num_static": plan.num_static},
+        "notes": {"vocab_size": summary.get("notes", {}).get("vocab_size", d.note_vocab)},
+    }
+    plan.summary = summary
+    return plan
+
+
+def _plan_notes(cohort: pd.DataFrame, note_root: Path, d) -> tuple[dict, dict]:
+    """Pair notes before prediction time, fit the tokenizer on train notes, tokenise."""
+    from clinical_moe.data.notes import NoteTokenizer, load_notes, pair_notes
+
+    notes = load_notes(note_root, subject_ids=cohort["subject_id"].astype(int))
+    paired = pair_notes(cohort, notes, prediction_hours=d.window_hours, max_notes=d.max_events)
+    split_of = dict(zip(cohort["stay_id"].astype(int), cohort["split"]))
+    is_train = paired["stay_id"].astype(int).map(split_of).eq("train").to_numpy()
+    tok = NoteTokenizer(max_vocab=d.note_vocab, max_len=d.note_max_len).fit(paired.loc[is_train, "text"])
+    ids, _ = tok.transform_padded(paired["text"])  # (n_notes, L)
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    stay_ids = paired["stay_id"].astype(int).to_numpy()
+    hours = paired["hours"].astype(float).to_numpy()
+    for sid, sel in pd.Series(stay_ids).groupby(stay_ids).indices.items():
+        out[int(sid)] = (ids[sel].astype(np.int32), hours[sel].astype(np.float32))  # (n, L), (n,)
+    summary = {
+        "paired_notes": int(len(paired)),
+        "stays": len(out),
+        "excluded": dict(paired.attrs.get("exclusions", {})),
+        "vocab_size": len(tok.vocab_),
+        "train_notes": int(is_train.sum()),
+    }
+    return out, summary
