@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check clinical_moe pipelines tests benchmarks
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check clinical_moe pipelines tests benchmarks

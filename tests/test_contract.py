@@ -21,7 +21,7 @@ GENERIC = {M: tuple(f"m{i}" for i in range(M)) for M in range(1, 6)}
 ATOL = 1e-5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str, mods: tuple[str, ...], num_classes: int = 1):
     torch.manual_seed(0)
     return create_model(name, modalities=mods, num_classes=num_classes, d_model=16, num_tokens=3)
