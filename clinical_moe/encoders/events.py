@@ -1,0 +1,167 @@
+"""Shared machinery of the event encoders (CXR images, ECGs): N events per stay -> exactly T tokens.
+
+An event encoder runs its backbone on the *real* events only (``event_mask`` True), so padded
+events never reach it, then turns the per-event feature maps into T tokens in one of two ways:
+
+- ``token_mode="spatial"`` (CXR) / ``"time"`` (ECG): each event's feature map is adaptively
+  average-pooled to T cells (a near-square grid for images, T segments for signals), projected to
+  D, tagged with the event's time embedding, and averaged over the row's real events, cell by cell.
+- ``token_mode="event"`` (FuseMoE, Han et al. 2024): one embedding per event (global average of its
+  feature map), then multi-time attention (mTAND, Shukla & Marlin 2021) over the events at their
+  times -> T tokens at reference times evenly spaced over the window.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clinical_moe.encoders.base import ModalityEncoder
+from clinical_moe.encoders.mtand import EventMTAND, TimeEmbedding
+from clinical_moe.types import ModalityInputs, ModalityTokens
+
+
+def scatter_events(values: torch.Tensor, event_mask: torch.Tensor) -> torch.Tensor:
+    """Place per-real-event ``values (n, ...)`` back at their ``(B, N)`` slots; zeros elsewhere."""
+    B, N = event_mask.shape
+    idx = event_mask.reshape(-1).nonzero().flatten()  # (n,)
+    out = values.new_zeros(B * N, *values.shape[1:])  # (B * N, ...)
+    out = out.index_copy(0, idx, values)
+    return out.view(B, N, *values.shape[1:])  # (B, N, ...)
+
+
+def real_events(x: torch.Tensor, event_mask: torch.Tensor) -> torch.Tensor:
+    """The real events of ``x (B, N, ...)`` stacked as ``(n, ...)`` (row-major order)."""
+    idx = event_mask.reshape(-1).nonzero().flatten()  # (n,)
+    return x.reshape(-1, *x.shape[2:]).index_select(0, idx)  # (n, ...)
+
+
+def random_events(
+    batch_size: int, num_events: int, window_hours: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``event_mask (B, N)`` (first event real), sorted ``times (B, N)`` (0 at padding)."""
+    mask = torch.rand(batch_size, num_events, generator=generator) < 0.6
+    mask[:, 0] = True
+    times = (
+        torch.rand(batch_size, num_events, generator=generator).sort(dim=1).values * window_hours
+    )
+    return mask, times * mask
+
+
+class EventPool(nn.Module):
+    """Per-event tokens ``(B, N, T, D)`` -> ``(B, T, D)``: time-tagged masked mean over real events.
+
+    Args:
+        d_model: Token width D.
+        time_embed_dim: Size of the event-time embedding ``phi(t)``.
+        window_hours: Time scale of the embedding.
+    """
+
+    def __init__(self, d_model: int, time_embed_dim: int = 16, window_hours: float = 48.0):
+        super().__init__()
+        self.time = TimeEmbedding(time_embed_dim, scale=window_hours)
+        self.time_proj = nn.Linear(time_embed_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tokens: torch.Tensor, times: torch.Tensor, event_mask: torch.Tensor):
+        times = torch.where(event_mask, times, torch.zeros_like(times))
+        tagged = tokens + self.time_proj(self.time(times)).unsqueeze(2)  # (B, N, T, D)
+        w = event_mask.to(tokens.dtype)[:, :, None, None]  # (B, N, 1, 1)
+        pooled = (tagged * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, T, D)
+        return self.norm(pooled)
+
+
+def grid_shape(num_cells: int) -> tuple[int, int]:
+    """The most square ``(rows, cols)`` with ``rows * cols == num_cells`` (e.g. 49 -> 7 x 7)."""
+    rows = int(num_cells**0.5)
+    while num_cells % rows:
+        rows -= 1
+    return rows, num_cells // rows
+
+
+class EventMapEncoder(ModalityEncoder):
+    """Base of encoders whose backbone maps one event to a feature map ``(C, *spatial)``.
+
+    Subclasses set ``input_key`` and implement :meth:`features`; ``feature_dim`` is C.
+
+    Args:
+        d_model: Token width D.
+        num_tokens: Output tokens T.
+        feature_dim: Channels C of the backbone's feature map (or size F of a vector feature).
+        token_mode: ``"spatial"``/``"time"`` (pooled cells, averaged over events) or ``"event"``
+            (one embedding per event + mTAND over event times).
+        window_hours: Window of the reference times / time embeddings.
+        num_heads: mTAND heads (event mode).
+        time_embed_dim: Size of the time embeddings.
+        vector_features: The backbone gives one vector ``(n, C)`` per event, not a map (e.g.
+            precomputed embeddings); cell tokens are then a learned expansion ``C -> T x D``.
+    """
+
+    input_key = "image"
+    cell_modes: tuple[str, ...] = ("spatial",)
+
+    def __init__(
+        self,
+        d_model: int,
+        num_tokens: int,
+        feature_dim: int,
+        token_mode: str,
+        window_hours: float,
+        num_heads: int,
+        time_embed_dim: int,
+        vector_features: bool = False,
+    ) -> None:
+        super().__init__(d_model, num_tokens)
+        modes = (*self.cell_modes, "event")
+        if token_mode not in modes:
+            raise ValueError(f"unknown token_mode {token_mode!r}; use one of {modes}")
+        self.token_mode = token_mode
+        self.window_hours = float(window_hours)
+        self.vector_features = vector_features
+        if token_mode == "event":
+            self.event_proj = nn.Sequential(nn.Linear(feature_dim, d_model), nn.LayerNorm(d_model))
+            self.mtand = EventMTAND(d_model, num_tokens, window_hours, num_heads, time_embed_dim)
+        else:
+            width = num_tokens * d_model if vector_features else d_model
+            self.cell_proj = nn.Linear(feature_dim, width)
+            self.cell_pos = nn.Parameter(torch.randn(num_tokens, d_model) * 0.02)
+            self.pool = EventPool(d_model, time_embed_dim, window_hours)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """Backbone on real events ``x (n, ...)`` -> ``(n, C, *spatial)`` (or ``(n, C)``)."""
+        raise NotImplementedError
+
+    def cells(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map ``(n, C, *spatial)`` -> ``(n, T, C)`` by adaptive average pooling."""
+        n, C = fmap.shape[:2]
+        if fmap.dim() == 4:
+            cells = nn.functional.adaptive_avg_pool2d(fmap, grid_shape(self.num_tokens))
+        else:
+            cells = nn.functional.adaptive_avg_pool1d(fmap, self.num_tokens)
+        return cells.reshape(n, C, self.num_tokens).transpose(1, 2)  # (n, T, C)
+
+    def forward(self, inputs: ModalityInputs) -> ModalityTokens:
+        key = self.input_key
+        if key not in inputs:
+            raise KeyError(
+                f"{type(self).__name__} expects input {key!r}; got {sorted(inputs)}"
+                + (" (use backbone='precomputed' for embeddings)" if "embedding" in inputs else "")
+            )
+        x, event_mask = inputs[key], inputs["event_mask"].bool()
+        times = inputs["times"].to(x.dtype if x.is_floating_point() else torch.float32)
+        B = event_mask.shape[0]
+        fmap = self.features(real_events(x, event_mask))  # (n, C, *spatial) or (n, C)
+        if self.token_mode == "event":
+            emb = fmap if fmap.dim() == 2 else fmap.flatten(2).mean(-1)  # (n, C)
+            events = scatter_events(self.event_proj(emb), event_mask)  # (B, N, D)
+            tokens, token_times = self.mtand(events, times, event_mask)  # (B, T, D), (B, T)
+        else:
+            if self.vector_features:
+                cells = self.cell_proj(fmap).view(-1, self.num_tokens, self.d_model)  # (n, T, D)
+            else:
+                cells = self.cell_proj(self.cells(fmap))  # (n, T, D)
+            per_event = scatter_events(cells + self.cell_pos, event_mask)  # (B, N, T, D)
+            tokens = self.pool(per_event, times, event_mask)  # (B, T, D)
+            token_times = None
+        mask = torch.ones(B, self.num_tokens, dtype=torch.bool, device=tokens.device)
+        return ModalityTokens(tokens, mask, token_times)
