@@ -1,0 +1,174 @@
+"""Small dense transformer pieces shared by the fusion heads, with an optional group dimension.
+
+Every module here works on inputs with a leading *group* dimension ``G``: ``x (G, N, T, D)``.
+Group ``g`` uses its own weights, so ``G`` independent networks (e.g. I2MoE's interaction experts)
+run as one batched matmul per layer instead of a Python loop. ``groups=1`` gives an ordinary
+module (callers add and remove the leading dimension with ``unsqueeze(0)`` / ``squeeze(0)``).
+
+Each ``forward`` accepts ``groups``: an optional ``LongTensor[G']`` selecting which of the module's
+groups to run (default: all, in order), so one group can be run on its own and compared with the
+grouped pass.
+
+Attention uses a key mask (True = real token). Padded keys get exactly zero weight. A row with no
+real key at all attends uniformly over its (meaningless) keys instead of producing NaN; callers
+mask such rows out of their readout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _pick(p: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    return p if groups is None else p.index_select(0, groups)
+
+
+class GroupedLinear(nn.Module):
+    """``G`` independent linear maps applied to ``x (G, ..., d_in)`` -> ``(G, ..., d_out)``.
+
+    Args:
+        num_groups: Number of independent weight sets G.
+        d_in: Input width.
+        d_out: Output width.
+        bias: Whether to add a bias.
+    """
+
+    def __init__(self, num_groups: int, d_in: int, d_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_groups, d_in, d_out))
+        self.bias = nn.Parameter(torch.empty(num_groups, d_out)) if bias else None
+        bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init range
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        w = _pick(self.weight, groups)  # (G, d_in, d_out)
+        G, d_in, d_out = w.shape
+        shape = x.shape
+        xr = x.reshape(G, -1, d_in)  # (G, R, d_in)
+        if self.bias is None:
+            y = torch.bmm(xr, w)  # (G, R, d_out)
+        else:
+            y = torch.baddbmm(_pick(self.bias, groups).unsqueeze(1), xr, w)  # (G, R, d_out)
+        return y.reshape(*shape[:-1], d_out)  # (G, ..., d_out)
+
+
+class GroupedLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with a separate affine transform per group."""
+
+    def __init__(self, num_groups: int, d_model: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_groups, d_model))
+        self.bias = nn.Parameter(torch.zeros(num_groups, d_model))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        G, D = x.shape[0], x.shape[-1]
+        view = (G,) + (1,) * (x.dim() - 2) + (D,)
+        y = F.layer_norm(x, (D,), eps=self.eps)
+        w, b = (
+            _pick(self.weight, groups).view(view),
+            _pick(self.bias, groups).view(view),
+        )  # (G, 1.., D)
+        return y * w + b
+
+
+def safe_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask (..., T)`` with rows that have no real key turned all-True (avoids NaN softmax)."""
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class GroupedSelfAttention(nn.Module):
+    """Multi-head self-attention (no residual, no norm) over ``x (G, N, T, D)``.
+
+    Args:
+        num_groups: Independent weight sets G.
+        d_model: Width D.
+        num_heads: Heads (must divide D).
+        dropout: Attention-probability dropout (training only).
+    """
+
+    def __init__(self, num_groups: int, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = GroupedLinear(num_groups, d_model, 3 * d_model)
+        self.proj = GroupedLinear(num_groups, d_model, d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            x: ``(G, N, T, D)``.
+            key_mask: ``BoolTensor`` broadcastable to ``(G, N, T)``, True = real key; None = all.
+            groups: Optional group selection (see module docstring).
+        """
+        G, N, T, D = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x, groups).view(G * N, T, 3, H, D // H)  # (G*N, T, 3, H, dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G*N, H, T, dh)
+        attn_mask = None
+        if key_mask is not None:
+            km = safe_key_mask(key_mask.expand(G, N, T)).reshape(G * N, 1, 1, T)  # (G*N, 1, 1, T)
+            attn_mask = km
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        o = o.transpose(1, 2).reshape(G, N, T, D)  # (G, N, T, D)
+        return self.proj(o, groups)
+
+
+class GroupedFFN(nn.Module):
+    """Two-layer GELU MLP ``D -> hidden -> D`` per group (no residual, no norm)."""
+
+    def __init__(self, num_groups: int, d_model: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = GroupedLinear(num_groups, d_model, hidden)
+        self.fc2 = GroupedLinear(num_groups, hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.drop(F.gelu(self.fc1(x, groups))), groups)
+
+
+class GroupedBlock(nn.Module):
+    """Pre-LN transformer block: ``x + Attn(LN(x))`` then ``x + FFN(LN(x))``, per group.
+
+    Args:
+        num_groups: Independent weight sets G.
+        d_model: Width D.
+        num_heads: Attention heads.
+        hidden: FFN width.
+        dropout: Dropout on attention probabilities, inside the FFN and on both residual branches.
+    """
+
+    def __init__(
+        self, num_groups: int, d_model: int, num_heads: int, hidden: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = GroupedLayerNorm(num_groups, d_model)
+        self.attn = GroupedSelfAttention(num_groups, d_model, num_heads, dropout)
+        self.norm2 = GroupedLayerNorm(num_groups, d_model)
+        self.ffn = GroupedFFN(num_groups, d_model, hidden, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x (G, N, T, D)``, ``key_mask`` broadcastable to ``(G, N, T)`` -> ``(G, N, T, D)``."""
+        x = x + self.drop(self.attn(self.norm1(x, groups), key_mask, groups))
+        return x + self.drop(self.ffn(self.norm2(x, groups), groups))

@@ -1,0 +1,306 @@
+"""I2MoE: interpretable multimodal interaction-aware mixture of experts.
+
+Xin et al., "I2MoE: Interpretable Multimodal Interaction-aware Mixture-of-Experts", ICML 2025.
+
+There are ``M + 2`` interaction experts: one uniqueness expert ``U_m`` per modality, a synergy
+expert ``S`` and a redundancy expert ``R``. Each is a fusion backbone (a dense pre-LN transformer
+over all modality tokens with a key padding mask, masked-mean pooled, LayerNorm, linear head)
+producing logits. A reweighting model scores the experts per sample and the prediction is::
+
+    w = softmax(MLP([pool(x_1), ..., pool(x_M)]) / temperature)        # (B, M + 2)
+    logits = sum_j w_j * f_j(x)
+
+Interaction losses (one per expert), with ``x^(-m)`` = input with modality m removed::
+
+    L_U_m = mean_{m' != m} triplet(anchor=U_m(x), pos=U_m(x^(-m')), neg=U_m(x^(-m)), margin)
+    L_S   = mean_m cos(S(x), S(x^(-m)))             (minimised: synergy needs every modality)
+    L_R   = mean_m 1 - cos(R(x), R(x^(-m)))         (minimised: redundancy survives losing one)
+    aux_loss = lambda_int * mean_j L_j
+
+Our choices (METHODS.md, "I2MoE"):
+
+- The vectors in the interaction losses are the experts' pooled embeddings (after the pooled
+  LayerNorm, before the linear head): cosine similarity between C = 1 logits is only a sign.
+  ``interaction_on="logits"`` follows the logits instead.
+- ``perturb="drop"`` (default): ``x^(-m)`` masks modality m out, exactly the path a truly missing
+  modality takes. ``perturb="noise"`` (the paper) replaces m's real tokens with N(0, 1) noise.
+  Perturbations and interaction losses exist in training only; evaluation runs the ``M + 2``
+  experts on ``x`` alone, so it is deterministic.
+- Only modalities a sample has are perturbed. With ``drop``, a sample with a single modality is
+  not perturbed at all (removing it would leave an empty input). Loss terms whose variants do not
+  exist are masked out of the averages (each average runs over the valid (sample, modality) pairs);
+  experts with no valid term in a batch are left out of ``mean_j``.
+- The paper drops every sample with a missing modality; we train and evaluate on incomplete
+  samples. Uniqueness experts of absent modalities get weight exactly 0 and the others renormalise;
+  an absent modality enters the reweighter as a learned embedding.
+- All ``M + 2`` experts over all ``M + 1`` input variants run as ONE batched pass: the variants are
+  stacked along the batch (only the rows a variant applies to), the experts along a group dimension
+  with per-expert weights (:mod:`clinical_moe.fusion.backbone`). ``shared_trunk=True`` shares the
+  first ``num_layers - 1`` blocks (run once) and keeps the last block, norm and head per expert (the
+  paper deep-copies whole backbones).
+
+Column order of ``gates["interaction_weights"]`` (B, M + 2): ``U_<modality>`` for each modality
+in order, then ``synergy``, then ``redundancy`` (also in :attr:`I2MoE.expert_names`).
+
+Paper defaults: D 128, 1-2 fusion layers, 4 heads, lambda 0.01 (MIMIC) to 0.5, temperature 1-2,
+reweighter 256 wide, lr 1e-4, 20-50 epochs. Constructor defaults are small for CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clinical_moe.fusion.backbone import GroupedBlock, GroupedLayerNorm, GroupedLinear
+from clinical_moe.fusion.base import FusionHead, masked_mean, zero_loss
+from clinical_moe.registry import HEADS
+from clinical_moe.types import FusionOutput, ModalityTokens
+
+_PERTURB = ("drop", "noise")
+_TARGETS = ("embedding", "logits")
+
+
+def interaction_losses(
+    vec: torch.Tensor, valid: torch.Tensor, margin: float = 1.0, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert interaction losses from the experts' outputs on every input variant.
+
+    Args:
+        vec: ``(M + 2, M + 1, B, V)``: expert j (``U_0..U_{M-1}``, S, R) on variant v (0 = the
+            unperturbed input, ``1 + m`` = modality m removed), sample b.
+        valid: ``BoolTensor[M + 1, B]``: whether variant v exists for sample b (row 0 all True).
+        margin: Triplet margin of the uniqueness losses.
+        eps: Added under the square root of the distances (finite gradient at 0).
+
+    Returns:
+        ``losses (M + 2,)`` and ``defined BoolTensor[M + 2]`` (False where an expert had no valid
+        term; its loss is then 0).
+    """
+    M = vec.shape[0] - 2
+    vm = valid[1:]  # (M, B): sample b has variant "without m"
+    U = vec[:M]  # (M, M + 1, B, V): uniqueness expert m on every variant
+    dist = ((U[:, 1:] - U[:, :1]).pow(2).sum(-1) + eps).sqrt()  # (M, M, B): [m, m', b]
+    d_neg = torch.diagonal(dist, dim1=0, dim2=1).transpose(0, 1)  # (M, B): U_m(x) vs U_m(x^-m)
+    trip = F.relu(dist - d_neg.unsqueeze(1) + margin)  # (M, M', B)
+    off_diag = ~torch.eye(M, dtype=torch.bool, device=vec.device)  # (M, M')
+    pairs = vm.unsqueeze(0) & vm.unsqueeze(1) & off_diag.unsqueeze(-1)  # (M, M', B)
+    count = pairs.sum((1, 2))  # (M,)
+    zero = vec.new_zeros(())
+    uniq = torch.where(pairs, trip, zero).sum((1, 2)) / count.clamp_min(1)  # (M,)
+
+    n = vm.sum().clamp_min(1)
+    cos_s = F.cosine_similarity(vec[M, 1:], vec[M, :1], dim=-1)  # (M, B)
+    cos_r = F.cosine_similarity(vec[M + 1, 1:], vec[M + 1, :1], dim=-1)  # (M, B)
+    syn = torch.where(vm, cos_s, zero).sum() / n
+    red = torch.where(vm, 1.0 - cos_r, zero).sum() / n
+    losses = torch.cat([uniq, syn.view(1), red.view(1)])  # (M + 2,)
+    any_v = vm.any().view(1)  # (1,)
+    defined = torch.cat([count > 0, any_v, any_v])  # (M + 2,)
+    return losses, defined
+
+
+@HEADS.register("i2moe")
+class I2MoE(FusionHead):
+    """Interaction experts (uniqueness per modality, synergy, redundancy) + a reweighting model.
+
+    Args:
+        num_layers: Transformer blocks per expert backbone (paper 1-2).
+        num_heads: Attention heads (paper 4); must divide ``d_model``.
+        hidden: FFN width of the blocks.
+        dropout: Dropout in the blocks and the reweighter.
+        shared_trunk: Share the first ``num_layers - 1`` blocks between experts (needs
+            ``num_layers >= 2``); the last block, pooled norm and head stay per expert.
+        perturb: ``"drop"`` (mask the modality out) or ``"noise"`` (Gaussian tokens; the paper).
+        interaction_on: ``"embedding"`` (pooled embedding before the head) or ``"logits"``.
+        lambda_int: Weight of the mean interaction loss (paper 0.01 on MIMIC to 0.5).
+        margin: Triplet margin of the uniqueness losses (paper 1).
+        temperature: Softmax temperature of the reweighter (paper 1-2).
+        reweight_hidden: Width of the reweighting MLP (paper 256).
+    """
+
+    def __init__(
+        self,
+        modalities,
+        d_model,
+        num_classes,
+        num_tokens=None,
+        num_layers: int = 1,
+        num_heads: int = 4,
+        hidden: int = 64,
+        dropout: float = 0.1,
+        shared_trunk: bool = False,
+        perturb: str = "drop",
+        interaction_on: str = "embedding",
+        lambda_int: float = 0.1,
+        margin: float = 1.0,
+        temperature: float = 1.0,
+        reweight_hidden: int = 64,
+    ):
+        super().__init__(modalities, d_model, num_classes, num_tokens)
+        if perturb not in _PERTURB:
+            raise ValueError(f"perturb must be one of {_PERTURB}, got {perturb!r}")
+        if interaction_on not in _TARGETS:
+            raise ValueError(f"interaction_on must be one of {_TARGETS}, got {interaction_on!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if shared_trunk and num_layers < 2:
+            raise ValueError(
+                "shared_trunk=True needs num_layers >= 2 (the last block is per expert)"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        M = len(self.modalities)
+        self.num_experts = G = M + 2
+        self.expert_names = tuple(f"U_{m}" for m in self.modalities) + ("synergy", "redundancy")
+        self.perturb, self.interaction_on = perturb, interaction_on
+        self.lambda_int, self.margin, self.temperature = lambda_int, margin, temperature
+        self.shared_trunk = shared_trunk
+
+        self.type_embed = nn.Parameter(torch.randn(M, d_model) * 0.02)
+        n_trunk = num_layers - 1 if shared_trunk else 0
+        self.trunk = nn.ModuleList(
+            GroupedBlock(1, d_model, num_heads, hidden, dropout) for _ in range(n_trunk)
+        )
+        self.blocks = nn.ModuleList(
+            GroupedBlock(G, d_model, num_heads, hidden, dropout)
+            for _ in range(num_layers - n_trunk)
+        )
+        self.norm = GroupedLayerNorm(G, d_model)
+        self.head = GroupedLinear(G, d_model, num_classes)
+
+        self.missing = nn.Parameter(torch.zeros(M, d_model))
+        self.reweighter = nn.Sequential(
+            nn.Linear(M * d_model, reweight_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(reweight_hidden, G),
+        )
+
+    # ------------------------------------------------------------------ inputs and variants
+    def _inputs(self, tokens: dict[str, ModalityTokens], present: torch.Tensor):
+        """Concatenated tokens ``(B, T, D)``, real-token mask ``(B, T)``, modality id per position
+        ``(T,)`` and effective presence ``(B, M)`` (present and at least one real token)."""
+        xs, masks, seg = [], [], []
+        for i, m in enumerate(self.modalities):
+            t = tokens[m]
+            masks.append(t.mask & present[:, i : i + 1])  # (B, T_m)
+            xs.append(t.tokens)
+            seg.append(torch.full((t.tokens.shape[1],), i, dtype=torch.long, device=present.device))
+        x = torch.cat(xs, 1)  # (B, T, D)
+        mask = torch.cat(masks, 1)  # (B, T)
+        x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        eff = torch.stack([mk.any(1) for mk in masks], 1)  # (B, M)
+        return x, mask, torch.cat(seg), eff
+
+    def build_variants(self, x, mask, seg, eff):
+        """Stack ``x`` and every applicable ``x^(-m)`` along the batch.
+
+        Returns:
+            ``xv (N, T, D)``, ``mv (N, T)`` and ``pos LongTensor[M, B]``: the row of ``xv`` holding
+            sample b without modality m, or -1 where that variant does not apply. Rows ``0..B-1``
+            are the unperturbed input.
+        """
+        B, M = x.shape[0], len(self.modalities)
+        xs, ms = [x], [mask]
+        pos = torch.full((M, B), -1, dtype=torch.long, device=x.device)
+        offset = B
+        n_present = eff.sum(1)  # (B,)
+        for i in range(M):
+            valid = eff[:, i] & (n_present >= 2) if self.perturb == "drop" else eff[:, i]
+            rows = valid.nonzero().flatten()  # (n_i,)
+            if rows.numel() == 0:
+                continue
+            xi, mi = x.index_select(0, rows), mask.index_select(0, rows)  # (n_i, T, D), (n_i, T)
+            here = (seg == i).unsqueeze(0)  # (1, T)
+            if self.perturb == "drop":
+                mi = mi & ~here
+            else:
+                noisy = (here & mi).unsqueeze(-1)  # (n_i, T, 1)
+                xi = torch.where(noisy, torch.randn_like(xi), xi)
+            pos[i, rows] = torch.arange(offset, offset + rows.numel(), device=x.device)
+            offset += rows.numel()
+            xs.append(xi)
+            ms.append(mi)
+        return torch.cat(xs, 0), torch.cat(ms, 0), pos
+
+    # ------------------------------------------------------------------ experts
+    def expert_outputs(
+        self,
+        xv: torch.Tensor,
+        mv: torch.Tensor,
+        seg: torch.Tensor,
+        experts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the experts (all, or those in ``experts``) on every row of ``xv`` in one pass.
+
+        Args:
+            xv: ``(N, T, D)`` tokens (masked positions zero).
+            mv: ``(N, T)`` real-token mask.
+            seg: ``(T,)`` modality id of each position.
+            experts: Optional ``LongTensor[G']`` of expert indices (for checks / analysis).
+
+        Returns:
+            Pooled embeddings ``(G', N, D)`` and logits ``(G', N, C)``.
+        """
+        G = self.num_experts if experts is None else experts.numel()
+        h = (xv + self.type_embed[seg]).unsqueeze(0)  # (1, N, T, D)
+        key_mask = mv.unsqueeze(0)  # (1, N, T)
+        for blk in self.trunk:
+            h = blk(h, key_mask)
+        h = h.expand(G, -1, -1, -1)  # (G, N, T, D)
+        for blk in self.blocks:
+            h = blk(h, key_mask, experts)
+        w = mv.to(h.dtype).unsqueeze(0).unsqueeze(-1)  # (1, N, T, 1)
+        pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)  # (G, N, D)
+        emb = self.norm(pooled, experts)  # (G, N, D)
+        return emb, self.head(emb, experts)  # (G, N, D), (G, N, C)
+
+    def weights(self, tokens: dict[str, ModalityTokens], eff: torch.Tensor) -> torch.Tensor:
+        """Reweighting model: ``(B, M + 2)`` weights, exactly 0 for absent modalities' U_m."""
+        pooled = torch.stack(
+            [
+                masked_mean(tokens[m].tokens, tokens[m].mask & eff[:, i : i + 1])
+                for i, m in enumerate(self.modalities)
+            ],
+            1,
+        )  # (B, M, D)
+        pooled = torch.where(eff.unsqueeze(-1), pooled, self.missing.unsqueeze(0))  # (B, M, D)
+        scores = self.reweighter(pooled.flatten(1)) / self.temperature  # (B, M*D) -> (B, M + 2)
+        ones = torch.ones(eff.shape[0], 2, dtype=torch.bool, device=eff.device)
+        avail = torch.cat([eff, ones], 1)  # (B, M + 2)
+        return torch.softmax(scores.masked_fill(~avail, float("-inf")), dim=-1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens, present, labels=None) -> FusionOutput:
+        x, mask, seg, eff = self._inputs(tokens, present)
+        B, M = x.shape[0], len(self.modalities)
+        if self.training:
+            xv, mv, pos = self.build_variants(x, mask, seg, eff)
+        else:
+            xv, mv, pos = x, mask, torch.full((M, B), -1, dtype=torch.long, device=x.device)
+        emb, expert_logits = self.expert_outputs(xv, mv, seg)  # (G, N, D), (G, N, C)
+
+        w = self.weights(tokens, eff)  # (B, G)
+        main = expert_logits[:, :B].transpose(0, 1)  # (B, G, C)
+        logits = (w.unsqueeze(-1) * main).sum(1)  # (B, C)
+
+        aux = zero_loss(logits)
+        extras: dict[str, torch.Tensor] = {}
+        if bool((pos >= 0).any()):
+            vec = emb if self.interaction_on == "embedding" else expert_logits  # (G, N, V)
+            base = torch.arange(B, device=x.device).unsqueeze(0)  # (1, B)
+            rows = torch.cat([base, pos.clamp_min(0)], 0)  # (M + 1, B)
+            full = vec[:, rows]  # (G, M + 1, B, V)
+            valid = torch.cat([torch.ones_like(base, dtype=torch.bool), pos >= 0], 0)  # (M + 1, B)
+            losses, defined = interaction_losses(full, valid, self.margin)
+            if bool(defined.any()):
+                mean_int = (losses * defined).sum() / defined.sum()
+                aux = self.lambda_int * mean_int
+                extras["interaction_loss"] = mean_int.detach()
+                for name, loss, ok in zip(self.expert_names, losses, defined.tolist(), strict=True):
+                    if ok:
+                        key = f"uniqueness/{name[2:]}" if name.startswith("U_") else name
+                        extras[key] = loss.detach()
+        gates = {"interaction_weights": w.detach()}
+        return FusionOutput(logits, aux, gates=gates, extras=extras)

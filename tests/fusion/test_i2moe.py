@@ -1,0 +1,217 @@
+"""I2MoE-specific behaviour: reweighting, batched interaction pass, interaction losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from clinical_moe.fusion.backbone import GroupedLayerNorm, GroupedLinear
+from clinical_moe.fusion.i2moe import I2MoE, interaction_losses
+from clinical_moe.types import ModalityTokens
+
+MODS = ("a", "b", "c")
+T, D = 3, 16
+
+
+def _head(**kw) -> I2MoE:
+    torch.manual_seed(0)
+    kw.setdefault("dropout", 0.0)
+    return I2MoE(MODS, D, 1, {m: T for m in MODS}, **kw)
+
+
+def _tokens(
+    present: torch.Tensor, seed: int = 0, pad_last: bool = True
+) -> dict[str, ModalityTokens]:
+    gen = torch.Generator().manual_seed(seed)
+    B = present.shape[0]
+    out = {}
+    for i, m in enumerate(MODS):
+        mask = present[:, i : i + 1].expand(B, T).clone()  # (B, T)
+        if pad_last:
+            mask[0, -1] = False  # one padded token in a present row
+        toks = torch.randn(B, T, D, generator=gen) * mask.unsqueeze(-1)
+        out[m] = ModalityTokens(toks, mask)
+    return out
+
+
+PRESENT = torch.tensor(
+    [[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=torch.bool
+)
+
+
+def test_weights_zero_for_absent_uniqueness_and_sum_to_one():
+    head = _head().eval()
+    out = head(_tokens(PRESENT), PRESENT)
+    w = out.gates["interaction_weights"]
+    assert w.shape == (6, len(MODS) + 2)
+    assert head.expert_names == ("U_a", "U_b", "U_c", "synergy", "redundancy")
+    assert torch.all(w[:, : len(MODS)][~PRESENT] == 0)
+    assert torch.all(w[:, : len(MODS)][PRESENT] > 0)
+    assert torch.all(w[:, -2:] > 0)
+    torch.testing.assert_close(w.sum(1), torch.ones(6))
+    assert out.aux_loss == 0 and out.extras == {}  # no perturbation at eval
+
+
+@pytest.mark.parametrize("kw", [{}, {"shared_trunk": True, "num_layers": 2}])
+def test_batched_pass_equals_loop_of_expert_calls(kw):
+    head = _head(**kw).train()  # dropout 0: training differs from eval only by the variants
+    x, mask, seg, eff = head._inputs(_tokens(PRESENT), PRESENT)
+    xv, mv, pos = head.build_variants(x, mask, seg, eff)
+    emb, logits = head.expert_outputs(xv, mv, seg)  # (G, N, D), (G, N, C)
+    G = head.num_experts
+    assert emb.shape[:2] == (G, xv.shape[0])
+    for m in range(len(MODS)):
+        for b in range(PRESENT.shape[0]):
+            row = int(pos[m, b])
+            if row < 0:
+                continue
+            # the variant is exactly "sample b with modality m masked out"
+            assert torch.equal(mv[row], mask[b] & (seg != m))
+            for j in range(G):
+                e1, l1 = head.expert_outputs(
+                    xv[row : row + 1], mv[row : row + 1], seg, torch.tensor([j])
+                )
+                torch.testing.assert_close(emb[j, row], e1[0, 0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(logits[j, row], l1[0, 0], atol=1e-5, rtol=1e-5)
+    # drop perturbation == the path of a truly missing modality
+    b, m = 0, 1
+    absent = PRESENT.clone()
+    absent[b, m] = False
+    head.eval()
+    x2, mask2, _, _ = head._inputs(_tokens(absent), absent)
+    _, l_missing = head.expert_outputs(x2[b : b + 1], mask2[b : b + 1], seg)
+    torch.testing.assert_close(logits[:, int(pos[m, b])], l_missing[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_runs_one_expert_pass(monkeypatch):
+    head = _head().train()
+    calls = []
+    orig = head.expert_outputs
+
+    def counting(xv, mv, seg, experts=None):
+        calls.append(xv.shape[0])
+        return orig(xv, mv, seg, experts)
+
+    monkeypatch.setattr(head, "expert_outputs", counting)
+    head(_tokens(PRESENT), PRESENT)
+    n_variants = int((PRESENT & (PRESENT.sum(1, keepdim=True) >= 2)).sum())  # single: untouched
+    assert calls == [PRESENT.shape[0] + n_variants]
+    calls.clear()
+    head.eval()
+    head(_tokens(PRESENT), PRESENT)
+    assert calls == [PRESENT.shape[0]]
+
+
+def test_perturb_only_present_modalities():
+    head = _head()
+    x, mask, seg, eff = head._inputs(_tokens(PRESENT), PRESENT)
+    _, _, pos = head.build_variants(x, mask, seg, eff)
+    multi = PRESENT.sum(1) >= 2
+    assert torch.equal(pos >= 0, PRESENT.T & multi)  # drop: single-modality rows untouched
+    noisy = _head(perturb="noise").train()
+    xv, mv, pos = noisy.build_variants(x, mask, seg, eff)
+    assert torch.equal(pos >= 0, PRESENT.T)
+    for m in range(len(MODS)):
+        for b in PRESENT[:, m].nonzero().flatten().tolist():
+            row = int(pos[m, b])
+            assert torch.equal(mv[row], mask[b])
+            changed = (xv[row] != x[b]).any(-1)  # (T,)
+            assert torch.equal(changed, mask[b] & (seg == m))  # only m's real tokens get noise
+
+
+def test_interaction_losses_on_constructed_cases():
+    M, B, V = 2, 3, 4
+    G = M + 2
+    valid = torch.ones(M + 1, B, dtype=torch.bool)
+    same = torch.randn(1, 1, B, V).expand(G, M + 1, B, V)
+    losses, defined = interaction_losses(same, valid, margin=1.0)
+    assert defined.all()
+    # identical outputs: uniqueness = margin, synergy cos = 1, redundancy = 0
+    torch.testing.assert_close(losses, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+
+    vec = torch.zeros(G, M + 1, B, V)
+    vec[M, 0, :, 0] = 1.0  # synergy: S(x) orthogonal to S(x^-m)
+    vec[M, 1:, :, 1] = 1.0
+    vec[M + 1, 0, :, 0] = 1.0  # redundancy: R(x^-m) = -R(x)
+    vec[M + 1, 1:, :, 0] = -1.0
+    vec[:M, :, :, 2] = 1.0  # U_m: positive identical to the anchor, negative 5 away
+    for m in range(M):
+        vec[m, 1 + m, :, 2] = 6.0
+    losses, _ = interaction_losses(vec, valid, margin=1.0)
+    torch.testing.assert_close(losses, torch.tensor([0.0, 0.0, 0.0, 2.0]), atol=1e-4, rtol=0)
+
+    # the opposite uniqueness case: negative identical to the anchor, positive 5 away
+    vec2 = vec.clone()
+    for m in range(M):
+        vec2[m, 1:, :, 2] = 6.0
+        vec2[m, 1 + m, :, 2] = 1.0
+    got = interaction_losses(vec2, valid)[0][:M]
+    torch.testing.assert_close(got, torch.tensor([6.0, 6.0]), atol=1e-3, rtol=0)
+
+    # invalid variants are masked out: garbage there changes nothing; none valid -> undefined
+    part = valid.clone()
+    part[1, 0] = False
+    garbage = vec.clone()
+    garbage[:, 1, 0] = 1e3
+    torch.testing.assert_close(
+        interaction_losses(garbage, part)[0], interaction_losses(vec, part)[0]
+    )
+    none = torch.zeros_like(valid)
+    none[0] = True
+    _, defined = interaction_losses(vec, none)
+    assert not defined.any()
+
+
+def test_aux_loss_is_weighted_mean_of_parts():
+    head = _head(lambda_int=0.3).train()
+    out = head(_tokens(PRESENT), PRESENT)
+    parts = [v for k, v in out.extras.items() if k != "interaction_loss"]
+    assert set(out.extras) >= {
+        "uniqueness/a",
+        "uniqueness/b",
+        "uniqueness/c",
+        "synergy",
+        "redundancy",
+    }
+    torch.testing.assert_close(out.extras["interaction_loss"], torch.stack(parts).mean())
+    torch.testing.assert_close(out.aux_loss.detach(), 0.3 * out.extras["interaction_loss"])
+    assert out.aux_loss.requires_grad
+
+
+def test_shared_trunk_builds_fewer_params():
+    n = lambda h: sum(p.numel() for p in h.parameters())  # noqa: E731
+    assert n(_head(num_layers=2, shared_trunk=True)) < n(_head(num_layers=2))
+    with pytest.raises(ValueError, match="num_layers >= 2"):
+        _head(shared_trunk=True)
+    with pytest.raises(ValueError, match="perturb"):
+        _head(perturb="blur")
+
+
+def test_absent_and_padded_content_invisible():
+    head = _head().eval()
+    toks = _tokens(PRESENT)
+    ref = head(toks, PRESENT).logits
+    noisy = {}
+    for m, t in toks.items():
+        noise = torch.randn_like(t.tokens) * 5
+        noisy[m] = ModalityTokens(torch.where(t.mask.unsqueeze(-1), t.tokens, noise), t.mask)
+    torch.testing.assert_close(head(noisy, PRESENT).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_grouped_layers_use_each_groups_own_weights():
+    torch.manual_seed(0)
+    lin, ln = GroupedLinear(3, 4, 5), GroupedLayerNorm(3, 4)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(3, 2, 6, 4)
+    y, z = lin(x), ln(x)
+    for g in range(3):
+        torch.testing.assert_close(y[g], x[g] @ lin.weight[g] + lin.bias[g])
+        torch.testing.assert_close(z[g], F.layer_norm(x[g], (4,), ln.weight[g], ln.bias[g]))
+    sel = torch.tensor([2, 0])
+    torch.testing.assert_close(
+        lin(x[:2], sel),
+        torch.stack([x[0] @ lin.weight[2] + lin.bias[2], x[1] @ lin.weight[0] + lin.bias[0]]),
+    )
