@@ -74,6 +74,10 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers
     checkpoint_dir: str = "runs/checkpoints"
     max_steps_per_epoch: int | None = None  # cap for smoke runs
+    checkpoint_every: int = 50  # save last.pt every N optimizer steps (and at every epoch end); 0 = epoch ends only
+    device: str | None = None  # cpu | cuda | None (cuda when available)
+    deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True)
+    num_threads: int | None = None  # torch intra-op CPU threads; None = torch's default (1 helps on busy machines)
 
 
 @dataclass
@@ -82,6 +86,8 @@ class TrackingConfig:
 
     uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "clinical_moe"
+    run_name: str | None = None  # MLflow run name and checkpoint subdirectory; None -> <head>-<config hash>
+    log_model: bool = True  # log the trained model with mlflow.pytorch.log_model (slowish; off for smoke tests)
 
 
 @dataclass
@@ -267,6 +273,10 @@ def validate(cfg: Config) -> None:
     for name, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size)):
         if value < 1:
             raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every: must be >= 0, got {cfg.train.checkpoint_every}")
+    if cfg.train.device is not None and cfg.train.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not cpu, cuda or cuda:N")
     if not 0.0 <= cfg.train.modality_dropout < 1.0:
         raise ConfigError("train.modality_dropout: must be in [0, 1)")
     if abs(sum(cfg.data.split_fractions) - 1.0) > 1e-6 or len(cfg.data.split_fractions) != 3:

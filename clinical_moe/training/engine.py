@@ -1,0 +1,363 @@
+"""The training loop: data, model, optimiser, epochs, validation, checkpoints. Read top to bottom.
+
+One :class:`Trainer` per run. ``fit()`` trains with the task loss + the head's ``aux_loss``, AdamW,
+a cosine (with warm-up) or constant schedule and gradient clipping; validates on AUROC every epoch
+(early stopping with ``patience``); saves ``last.pt`` every ``checkpoint_every`` steps and at each
+epoch end and ``best.pt`` on improvement; and at the end scores the best model on val and test.
+
+Nothing here imports MLflow: metrics go to a :class:`~clinical_moe.tracking.RunLogger`. Under
+``torchrun`` every rank runs this loop; only rank 0 logs and writes files.
+
+Testing hook: with ``CLINICAL_MOE_KILL_AFTER_STEP=k`` in the environment the process SIGKILLs
+itself right after optimizer step ``k`` (and its checkpoint, if one is due): a deterministic stand-in
+for ``kill -9`` used by the resume tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from clinical_moe.config import Config
+from clinical_moe.data.dataset import CachedDataset, Collator
+from clinical_moe.metrics import classification_metrics, probabilities
+from clinical_moe.model import MultimodalModel, create_model
+from clinical_moe.registry import HEADS
+from clinical_moe.tracking import NullLogger, RunLogger
+from clinical_moe.training import distributed as D
+from clinical_moe.training.checkpoint import (
+    BEST,
+    CheckpointDir,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    seed_everything,
+)
+from clinical_moe.training.losses import infer_task, num_classes_for, task_loss
+from clinical_moe.training.routing_stats import RoutingStats
+from clinical_moe.training.sampling import TrainSampler, modality_dropout
+
+KILL_ENV = "CLINICAL_MOE_KILL_AFTER_STEP"
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders: config -> plain objects
+
+
+@dataclass
+class Data:
+    """The three splits of a cache plus what the model needs to know about its labels."""
+
+    train: CachedDataset
+    val: CachedDataset
+    test: CachedDataset | None
+    task: str
+    num_classes: int
+    encoder_kwargs: dict = field(default_factory=dict)
+
+
+def build_data(cfg: Config, cache_dir: str | Path) -> Data:
+    """Open the cache's splits and infer the task from its label columns."""
+    mods = list(cfg.data.modalities)
+    train = CachedDataset(cache_dir, "train", mods)
+    val = CachedDataset(cache_dir, "val", mods)
+    has_test = "test" in set(train.store.manifest["split"])
+    test = CachedDataset(cache_dir, "test", mods) if has_test else None
+    labels = train.store.manifest[train.label_columns].to_numpy(np.float64)
+    task = infer_task(train.label_columns, labels)
+    summary = train.store.summary.get("encoder_kwargs", {}) or {}
+    return Data(train, val, test, task, num_classes_for(task, train.label_columns, labels), summary)
+
+
+def encoder_options(cfg: Config, cache_kwargs: dict) -> dict:
+    """``cfg.model.encoders`` + the cache's required encoder options, for the modalities used.
+
+    The cache's options (e.g. the note vocabulary size) describe the data, so they win over the
+    config; they apply only to the default encoder type of a modality.
+    """
+    out = {}
+    for m in cfg.data.modalities:
+        spec = dict(cfg.model.encoders.get(m) or {})
+        if spec.get("type", m) == m:
+            spec.update(cache_kwargs.get(m, {}))
+        if spec:
+            out[m] = spec
+    return out
+
+
+def build_model(cfg: Config, data: Data) -> MultimodalModel:
+    """``create_model`` from the config's model section (the head gets the task when it asks)."""
+    head = dict(cfg.model.head)
+    if "task" in inspect.signature(HEADS.get(cfg.model.name)).parameters and "task" not in head:
+        head["task"] = data.task
+    return create_model(
+        cfg.model.name, modalities=cfg.data.modalities, num_classes=data.num_classes,
+        d_model=cfg.model.d_model, num_tokens=cfg.model.num_tokens,
+        encoders=encoder_options(cfg, data.encoder_kwargs), **head,
+    )
+
+
+def build_scheduler(opt: torch.optim.Optimizer, kind: str, warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 over ``total`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from integers (DataLoader base seeds never touch the global RNG)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict(model: MultimodalModel, loader, device, routing: RoutingStats | None = None):
+    """Eval-mode logits of every batch: ``(ids [N], labels [N] or [N, C], logits [N, C])``."""
+    model.eval()
+    ids, labels, logits = [], [], []
+    for batch in loader:
+        out = model(batch.to(device))
+        if routing is not None:
+            routing.update(out.gates)
+        ids += batch.ids
+        labels.append(batch.labels.cpu())
+        logits.append(out.logits.float().cpu())
+    if not logits:
+        return np.zeros(0, np.int64), torch.zeros(0), torch.zeros(0, 1)
+    return np.asarray(ids), torch.cat(labels), torch.cat(logits)
+
+
+def evaluate(model, dataset: CachedDataset, data: Data, cfg: Config, info: D.DistInfo,
+             routing: bool = False, prefix: str = "val") -> dict[str, float]:
+    """AUROC / AUPRC / F1 / loss of ``dataset``; under DDP each rank scores a slice, then gather."""
+    idx = list(range(info.rank, len(dataset), info.world_size))  # no padding: every stay once
+    loader = DataLoader(Subset(dataset, idx), batch_size=cfg.train.batch_size, shuffle=False,
+                        collate_fn=Collator(dataset), num_workers=cfg.train.num_workers,
+                        generator=seeded(cfg.seed, 7))
+    stats = RoutingStats(cfg.data.modalities) if routing else None
+    ids, y, logits = predict(model, loader, info.device, stats)
+    parts = D.gather_objects((ids, y, logits, stats), info)
+    y = torch.cat([p[1] for p in parts])
+    logits = torch.cat([p[2] for p in parts])
+    out = {f"{prefix}_{k}": v for k, v in classification_metrics(
+        y.numpy(), probabilities(logits, data.task), data.task).items()}
+    out[f"{prefix}_loss"] = float(task_loss(logits, y, data.task)) if len(y) else math.nan
+    if routing:
+        merged = RoutingStats(cfg.data.modalities)
+        for p in parts:  # every rank's counts
+            merged.merge(p[3])
+        out.update(merged.compute())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_id: str | None
+    best_epoch: int
+    metrics: dict[str, float]  # best model on val and test
+    checkpoint_dir: Path
+    samples_per_s: float
+    steps: int
+
+
+class Trainer:
+    """One training run.
+
+    Args:
+        cfg: The validated run config.
+        cache_dir: A finished preprocessing cache.
+        ckpt: Where ``last.pt`` / ``best.pt`` go (rank 0 writes).
+        logger: Metrics sink; pass a :class:`~clinical_moe.tracking.NullLogger` on ranks > 0.
+        info: Distributed placement (single process by default).
+        resume: A checkpoint dict (from ``last.pt``) to continue from, or None.
+        quiet: No progress bars.
+    """
+
+    def __init__(self, cfg: Config, cache_dir: str | Path, ckpt: CheckpointDir,
+                 logger: RunLogger | None = None, info: D.DistInfo | None = None,
+                 resume: dict | None = None, quiet: bool = False) -> None:
+        self.cfg, self.ckpt, self.quiet = cfg, ckpt, quiet
+        self.info = info or D.DistInfo()
+        self.logger = logger or NullLogger()
+        t = cfg.train
+        # 1. seeds, data
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        seed_everything(cfg.seed, t.deterministic)
+        self.data = build_data(cfg, cache_dir)
+        # 2. model (identical init on every rank), optimiser, schedule
+        self.model = build_model(cfg, self.data).to(self.info.device)
+        self.net = D.wrap_ddp(self.model, self.info)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.sampler = TrainSampler(self.data.train.present, t.sampler, cfg.seed, t.warmup_epochs,
+                                    self.info.world_size, self.info.rank)
+        self.steps_per_epoch = math.ceil(len(self.sampler.order()) / t.batch_size)
+        if t.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, t.max_steps_per_epoch)
+        self.sched = build_scheduler(self.opt, t.scheduler, t.warmup_steps, t.epochs * self.steps_per_epoch)
+        # 3. per-rank randomness of training (dropout, noisy gates, modality dropout)
+        seed_everything(cfg.seed + 1000 * self.info.rank, t.deterministic)
+        self.aug = seeded(cfg.seed, self.info.rank, 11)
+        # 4. loop state (all of it goes into the checkpoint)
+        self.epoch = self.step = self.position = 0
+        self.early = {"best": -math.inf, "best_epoch": -1, "bad": 0, "stopped": False}
+        self.meters: dict[str, float] = defaultdict(float)
+        if resume is not None:
+            self.load_state(resume)
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to continue exactly where we are (RNG of every rank gathered)."""
+        rng = D.gather_objects(capture_rng(self.aug), self.info)
+        return {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "rng": rng, "world_size": self.info.world_size,
+            "epoch": self.epoch, "step": self.step, "position": self.position,
+            "early_stopping": dict(self.early), "meters": dict(self.meters),
+            "run_id": self.logger.run_id, "head": self.cfg.model.name,
+        }
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.step, self.position = ckpt["epoch"], ckpt["step"], ckpt["position"]
+        self.early = dict(ckpt["early_stopping"])
+        self.meters = defaultdict(float, ckpt["meters"])
+        rngs = ckpt["rng"]
+        restore_rng(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0], self.aug)
+
+    def save(self, name: str = "last.pt") -> None:
+        state = self.state()  # collective: every rank calls it
+        if self.info.is_main:
+            self.ckpt.save(state, name)
+
+    # -- one optimisation step ----------------------------------------------------------------
+    def train_step(self, batch) -> None:
+        t = self.cfg.train
+        batch = batch.to(self.info.device)
+        if self.data.task == "multiclass":  # collate gives float labels; heads expect class ids
+            batch = replace(batch, labels=batch.labels.long())
+        if t.modality_dropout > 0:
+            batch = batch.with_present(modality_dropout(batch.present, t.modality_dropout, self.aug))
+        self.net.train()
+        out = self.net(batch)
+        loss_task = task_loss(out.logits, batch.labels, self.data.task)
+        loss = loss_task + out.aux_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        n = len(batch)
+        self.meters["n"] += n
+        self.meters["train_loss"] += float(loss.detach()) * n
+        self.meters["train_task_loss"] += float(loss_task.detach()) * n
+        self.meters["train_aux_loss"] += float(out.aux_loss.detach()) * n
+        for k, v in out.extras.items():
+            self.meters[f"train_{k}"] += float(torch.as_tensor(v).float().mean()) * n
+
+    # -- epochs -------------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        """Train the rest of the current epoch (from ``position``); returns samples per second."""
+        t = self.cfg.train
+        self.sampler.set_epoch(self.epoch, start=self.position * t.batch_size)
+        loader = DataLoader(self.data.train, batch_size=t.batch_size, sampler=self.sampler,
+                            collate_fn=Collator(self.data.train), num_workers=t.num_workers,
+                            generator=seeded(self.cfg.seed, self.epoch))
+        bar = tqdm(total=self.steps_per_epoch, initial=self.position, disable=self.quiet,
+                   desc=f"epoch {self.epoch + 1}/{t.epochs}", unit="batch", leave=False)
+        kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        start, seen = time.perf_counter(), 0
+        for batch in loader:
+            if self.position >= self.steps_per_epoch:
+                break
+            self.train_step(batch)
+            seen += len(batch)
+            self.position += 1
+            self.step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{self.meters['train_loss'] / max(1.0, self.meters['n']):.4f}")
+            due = t.checkpoint_every and self.step % t.checkpoint_every == 0
+            if due and self.position < self.steps_per_epoch:
+                self.save()
+            if kill_at and self.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+        return seen * self.info.world_size / max(time.perf_counter() - start, 1e-9)
+
+    def end_epoch(self, samples_per_s: float) -> None:
+        """Validate, update early stopping, log the epoch, save ``best.pt`` / ``last.pt``."""
+        meters = D.all_reduce_sum(dict(self.meters), self.info)
+        n = max(1.0, meters.pop("n", 0.0))
+        metrics = {k: v / n for k, v in meters.items()}
+        metrics.update(evaluate(self.model, self.data.val, self.data, self.cfg, self.info, routing=True))
+        metrics["lr"] = self.opt.param_groups[0]["lr"]
+        metrics["train_samples_per_s"] = samples_per_s
+        auroc = metrics["val_auroc"]
+        score = auroc if math.isfinite(auroc) else -metrics["val_loss"]  # one-class val: use the loss
+        improved = score > self.early["best"]
+        if improved:
+            self.early.update(best=score, best_epoch=self.epoch, bad=0)
+            self.save(BEST)
+        else:
+            self.early["bad"] += 1
+            self.early["stopped"] = self.early["bad"] >= self.cfg.train.patience
+        self.logger.log_metrics(metrics, step=self.epoch)
+        self.epoch, self.position = self.epoch + 1, 0
+        self.meters = defaultdict(float)
+        self.save()
+
+    def fit(self) -> TrainResult:
+        """Train until ``epochs`` or early stopping, then score the best model on val and test."""
+        speeds = []
+        while self.epoch < self.cfg.train.epochs and not self.early["stopped"]:
+            speeds.append(self.train_epoch())
+            self.end_epoch(speeds[-1])
+        final = self.final_metrics()
+        self.logger.log_metrics(final, step=self.epoch)
+        return TrainResult(self.logger.run_id, self.early["best_epoch"], final, self.ckpt.path,
+                           float(np.mean(speeds)) if speeds else math.nan, self.step)
+
+    def final_metrics(self) -> dict[str, float]:
+        """Val and test scores of the best checkpoint (rank 0 reads it and broadcasts)."""
+        best = None
+        if self.info.is_main and self.ckpt.best.exists():
+            best = load_checkpoint(self.ckpt.best)["model"]
+        best = D.broadcast_object(best, self.info)
+        if best is not None:
+            self.model.load_state_dict(best)
+        out = {f"best_{k}": v for k, v in evaluate(
+            self.model, self.data.val, self.data, self.cfg, self.info).items()}
+        if self.data.test is not None:
+            out.update(evaluate(self.model, self.data.test, self.data, self.cfg, self.info, prefix="test"))
+        out["best_epoch"] = float(self.early["best_epoch"])
+        return out

@@ -1,0 +1,206 @@
+"""``clinical-moe train --config CONFIG [key=value ...] [--resume] [--quiet]``: train one head.
+
+Also ``python -m pipelines.train --config ...`` and, for data-parallel training,
+``torchrun --nproc_per_node N -m pipelines.train --config ...``.
+
+Steps: validate the config (a bad key fails here, before anything is read or written); build the
+cache at ``data.cache_dir`` if it is absent; open (or, with ``--resume``, re-open) an MLflow run;
+train; log the resolved config, the data summary, the best checkpoint and the model.
+
+Checkpoints go to ``<train.checkpoint_dir>/<run name>/`` where the run name is
+``tracking.run_name`` or ``<head>-<hash of the config>``; ``--resume`` continues from ``last.pt``
+there, into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from clinical_moe.config import Config, flatten, load_config, to_dict
+from clinical_moe.training import distributed as D
+
+log = logging.getLogger("clinical_moe.train")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train a fusion head (tracked in MLflow)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML, e.g. configs/fusemoe.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's last checkpoint, in the same MLflow run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what decides the result (not where it is tracked or on which device)."""
+    d = to_dict(cfg)
+    d.pop("tracking")
+    for key in ("checkpoint_dir", "device", "num_workers"):
+        d["train"].pop(key)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_name_of(cfg: Config) -> str:
+    return cfg.tracking.run_name or f"{cfg.model.name}-{config_hash(cfg)}"
+
+
+def ensure_cache(cfg: Config, info: D.DistInfo, quiet: bool) -> Path:
+    """The cache directory; built from ``data.root`` (rank 0) when it has no manifest yet."""
+    cache = Path(cfg.data.cache_dir)
+    if not (cache / "manifest.parquet").is_file() and info.is_main:
+        try:
+            from clinical_moe.data.cache import build_cache
+        except ImportError as err:
+            raise RuntimeError(
+                f"no preprocessed cache at {cache} and the cache builder is unavailable ({err}); "
+                "run `clinical-moe preprocess --config ...` first"
+            ) from err
+        log.info("no cache at %s: preprocessing %s", cache, cfg.data.root)
+        build_cache(cfg, quiet=quiet)
+    D.barrier(info)
+    return cache
+
+
+def data_params(cache: Path) -> dict[str, object]:
+    """Manifest hash and counts (stays per split, stays with each modality) for MLflow params."""
+    import pandas as pd
+
+    raw = (cache / "manifest.parquet").read_bytes()
+    manifest = pd.read_parquet(cache / "manifest.parquet")
+    out: dict[str, object] = {"data.manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    for split, n in manifest["split"].value_counts().sort_index().items():
+        out[f"data.stays.{split}"] = int(n)
+    for col in sorted(c for c in manifest.columns if c.startswith("has_")):
+        out[f"data.present.{col[4:]}"] = int(manifest[col].sum())
+    return out
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the source tree, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def open_logger(cfg: Config, info: D.DistInfo, run_name: str, run_id: str | None):
+    """MLflow on rank 0 (new run, or ``run_id`` re-opened); a NullLogger with the same id elsewhere."""
+    from clinical_moe.tracking import MlflowLogger, NullLogger
+
+    logger = None
+    if info.is_main:
+        logger = MlflowLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name, run_id,
+                              log_model=cfg.tracking.log_model)
+        run_id = logger.run_id
+    run_id = D.broadcast_object(run_id, info)
+    return logger or NullLogger(run_id)
+
+
+def log_model(trainer, logger) -> None:
+    """Log a flat-tensor wrapper of the model with a signature inferred from a real val batch."""
+    from clinical_moe.data.dataset import Collator
+    from clinical_moe.training.export import FlatModel, flat_inputs
+
+    ds = trainer.data.val
+    batch = Collator(ds)([ds[i] for i in range(min(4, len(ds)))])
+    example = flat_inputs(batch)
+    model = trainer.model.cpu().eval()
+    logger.log_model(FlatModel(model, list(example), trainer.data.task), example)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # every config error surfaces here, first
+    info = D.init_distributed(cfg.train.device)
+    try:
+        return train(cfg, info, resume=args.resume, quiet=args.quiet)
+    finally:
+        D.cleanup()
+
+
+def train(cfg: Config, info: D.DistInfo | None = None, resume: bool = False, quiet: bool = False) -> int:
+    """Train ``cfg`` end to end (see the module docstring); returns 0."""
+    from clinical_moe.training.checkpoint import CheckpointDir, load_checkpoint
+    from clinical_moe.training.engine import Trainer
+
+    info = info or D.DistInfo()
+    quiet = quiet or not sys.stderr.isatty() or not info.is_main
+    cache = ensure_cache(cfg, info, quiet)
+    name = run_name_of(cfg)
+    ckpt = CheckpointDir(Path(cfg.train.checkpoint_dir) / name)
+
+    state, run_id, finished = None, None, False
+    if info.is_main:
+        if resume and ckpt.read_run().get("finished"):
+            finished = True
+            log.info("--resume: run %s already finished; nothing to do", ckpt.read_run()["run_id"])
+        elif resume:
+            state = load_checkpoint(ckpt.last) if ckpt.last.exists() else None
+            run_id = (state or {}).get("run_id") or ckpt.read_run().get("run_id")
+            if run_id is None:
+                log.warning("--resume: nothing to resume in %s; starting a new run", ckpt.path)
+        else:
+            ckpt.clear()
+    if D.broadcast_object(finished, info):
+        return 0
+    state = D.broadcast_object(state, info)  # no shared filesystem needed between nodes
+    logger = open_logger(cfg, info, name, D.broadcast_object(run_id, info))
+    try:
+        if info.is_main:
+            ckpt.write_run({"run_id": logger.run_id, "run_name": name, "config_hash": config_hash(cfg)})
+        trainer = Trainer(cfg, cache, ckpt, logger, info, resume=state, quiet=quiet)
+        if info.is_main and state is None:
+            config_file = ckpt.path / "config.yaml"
+            config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            logger.log_params({**flatten(cfg), **data_params(cache), "world_size": info.world_size})
+            logger.set_tags({"git_commit": git_commit(), "head": cfg.model.name,
+                             "task": trainer.data.task, "data_task": cfg.data.task})
+            logger.log_artifact(config_file)
+            logger.log_artifact(cache / "summary.json", "data")
+        result = trainer.fit()
+        if info.is_main:
+            if ckpt.best.exists():
+                logger.log_artifact(ckpt.best, "checkpoints")
+            log_model(trainer, logger)
+            m = result.metrics
+            print(f"run {result.run_id} ({name}): best epoch {result.best_epoch + 1}, "
+                  f"val AUROC {m.get('best_val_auroc', float('nan')):.4f}, "
+                  f"test AUROC {m.get('test_auroc', float('nan')):.4f}, "
+                  f"{result.samples_per_s:.0f} samples/s; checkpoints in {ckpt.path}")
+    except BaseException:
+        logger.close("FAILED")
+        raise
+    logger.close("FINISHED")
+    if info.is_main:
+        ckpt.write_run({**ckpt.read_run(), "finished": True})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
