@@ -93,6 +93,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     plan = StayPlan(cohort, label_columns)
     summary: dict = {
         "task": d.task,
+        "data_root": str(root.resolve()),  # lets evaluation find a synthetic corpus's truth/
         "modalities": list(d.modalities),
         "label_columns": label_columns,
         "cohort_exclusions": dict(cohort.attrs.get("exclusions", {})),

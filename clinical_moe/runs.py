@@ -1,0 +1,114 @@
+"""Re-open a trained run for evaluation, attribution or a notebook: config, data and best weights.
+
+A run is found either by its MLflow run id (the resolved ``config.yaml`` and
+``checkpoints/best.pt`` artifacts are fetched from the tracking store) or by a checkpoint file on
+disk (``best.pt`` or ``last.pt``; the ``config.yaml`` beside it is used). Weights are loaded with
+``weights_only=True``. The cache named by the run's config is opened, not rebuilt: evaluating a
+model on data other than the data it was trained on would be a silent error, so a missing cache
+is reported with the path that was expected.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from clinical_moe.config import Config, load_config
+from clinical_moe.model import MultimodalModel
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for inference.
+
+    Attributes:
+        cfg: the run's resolved config.
+        model: the model in eval mode on the CPU, with the best checkpoint's weights.
+        data: the cache's splits (``train``/``val``/``test`` :class:`CachedDataset`), task, classes.
+        run_id: the MLflow run id (None when loaded from a bare checkpoint without ``run.json``).
+        name: a short label for tables and plots (the MLflow run name or the checkpoint folder).
+        checkpoint: the weights file that was loaded.
+    """
+
+    cfg: Config
+    model: MultimodalModel
+    data: object
+    run_id: str | None
+    name: str
+    checkpoint: Path
+
+
+def _from_checkpoint_file(path: Path) -> tuple[Config, dict, str | None, str]:
+    from clinical_moe.training.checkpoint import CheckpointDir, load_checkpoint
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    config_file = path.parent / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path}: no config.yaml beside the checkpoint; pass the run's config with --config")
+    cfg = load_config(yaml.safe_load(config_file.read_text()))
+    state = load_checkpoint(path)
+    info = CheckpointDir(path.parent).read_run()
+    run_id = state.get("run_id") or info.get("run_id")
+    return cfg, state, run_id, info.get("run_name", path.parent.name)
+
+
+def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Config, dict, str, Path]:
+    import mlflow
+
+    from clinical_moe.tracking import resolve_tracking_uri
+    from clinical_moe.training.checkpoint import load_checkpoint
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # mlflow raises its own exception types per store
+        raise LookupError(f"MLflow run {run_id!r} not found at {uri}: {err}") from err
+    tmp = Path(tempfile.mkdtemp(prefix=f"clinical_moe_run_{run_id[:8]}_"))
+    try:
+        config_file = Path(client.download_artifacts(run_id, "config.yaml", str(tmp)))
+        best = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp)))
+    except Exception as err:
+        raise LookupError(
+            f"MLflow run {run_id!r} at {uri} has no config.yaml / checkpoints/best.pt artifacts "
+            f"(was it trained with `clinical-moe train` and did it finish?): {err}") from err
+    cfg = load_config(yaml.safe_load(config_file.read_text()))
+    return cfg, load_checkpoint(best), run.info.run_name or run_id, best
+
+
+def load_run(run_id: str | None = None, checkpoint: str | Path | None = None,
+             tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> LoadedRun:
+    """Rebuild a trained model and its data from an MLflow run id or a checkpoint file.
+
+    Args:
+        run_id: MLflow run id (exclusive with ``checkpoint``).
+        checkpoint: path to ``best.pt`` / ``last.pt`` written by ``clinical-moe train``.
+        tracking_uri: MLflow store; None uses ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+        cache_dir: read the data from here instead of the run's ``data.cache_dir`` (a moved cache).
+    """
+    from clinical_moe.training.engine import build_data, build_model
+
+    if (run_id is None) == (checkpoint is None):
+        raise ValueError("give exactly one of run_id or checkpoint")
+    if run_id is not None:
+        cfg, state, name, path = _from_mlflow(run_id, tracking_uri)
+    else:
+        path = Path(checkpoint)
+        cfg, state, run_id, name = _from_checkpoint_file(path)
+    if cache_dir is not None:
+        cfg.data.cache_dir = str(cache_dir)
+    cache = Path(cfg.data.cache_dir)
+    if not (cache / "manifest.parquet").is_file():
+        raise FileNotFoundError(
+            f"the run's cache {cache} is missing (no manifest.parquet); rebuild it with "
+            "`clinical-moe preprocess --config <the run's config>` or pass cache_dir")
+    data = build_data(cfg, cache)
+    model = build_model(cfg, data)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return LoadedRun(cfg=cfg, model=model, data=data, run_id=run_id, name=str(name), checkpoint=path)
