@@ -52,6 +52,12 @@ class ShardTask:
     skips: list[dict] = field(default_factory=list)
 
 
+def _unexpected(modality: str, path: str, stay_id: int, err: Exception) -> RuntimeError:
+    """An error that names the file and stay (worker tracebacks otherwise lose both)."""
+    return RuntimeError(f"preprocess: unexpected {type(err).__name__} reading {modality} file {path} "
+                        f"(stay {stay_id}): {err}")
+
+
 def _read_images(items, image_size, skips, stay_id):
     from clinical_moe.data.cxr import cxr_transform, read_cxr
 
@@ -63,6 +69,8 @@ def _read_images(items, image_size, skips, stay_id):
         except LoaderError as err:
             skips.append({"modality": "cxr", "stay_id": stay_id, "path": err.path, "reason": err.reason})
             continue
+        except Exception as err:  # a reader bug or an unforeseen format: stop, naming the file
+            raise _unexpected("cxr", path, stay_id, err) from err
         arrays.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
         times.append(hours)
     return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
@@ -79,6 +87,8 @@ def _read_ecgs(items, ecg_samples, skips, stay_id):
         except LoaderError as err:
             skips.append({"modality": "ecg", "stay_id": stay_id, "path": err.path, "reason": err.reason})
             continue
+        except Exception as err:
+            raise _unexpected("ecg", path, stay_id, err) from err
         arrays.append(sig.astype(np.float16))
         times.append(hours)
     return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
