@@ -10,6 +10,7 @@ is reported with the path that was expected.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ class LoadedRun:
         data: the cache's splits (``train``/``val``/``test`` :class:`CachedDataset`), task, classes.
         run_id: the MLflow run id (None when loaded from a bare checkpoint without ``run.json``).
         name: a short label for tables and plots (the MLflow run name or the checkpoint folder).
-        checkpoint: the weights file that was loaded.
+        checkpoint: the weights that were loaded (a file path or an MLflow artifact URI).
     """
 
     cfg: Config
@@ -38,7 +39,7 @@ class LoadedRun:
     data: object
     run_id: str | None
     name: str
-    checkpoint: Path
+    checkpoint: str
 
 
 def _from_checkpoint_file(path: Path) -> tuple[Config, dict, str | None, str]:
@@ -57,8 +58,9 @@ def _from_checkpoint_file(path: Path) -> tuple[Config, dict, str | None, str]:
     return cfg, state, run_id, info.get("run_name", path.parent.name)
 
 
-def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Config, dict, str, Path]:
+def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Config, dict, str, str]:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from clinical_moe.tracking import resolve_tracking_uri
     from clinical_moe.training.checkpoint import load_checkpoint
@@ -73,12 +75,15 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Config, dict, s
     try:
         config_file = Path(client.download_artifacts(run_id, "config.yaml", str(tmp)))
         best = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp)))
-    except Exception as err:
+        cfg = load_config(yaml.safe_load(config_file.read_text()))
+        state = load_checkpoint(best)
+    except (OSError, MlflowException) as err:
         raise LookupError(
             f"MLflow run {run_id!r} at {uri} has no config.yaml / checkpoints/best.pt artifacts "
             f"(was it trained with `clinical-moe train` and did it finish?): {err}") from err
-    cfg = load_config(yaml.safe_load(config_file.read_text()))
-    return cfg, load_checkpoint(best), run.info.run_name or run_id, best
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg, state, run.info.run_name or run_id, f"{run.info.artifact_uri}/checkpoints/best.pt"
 
 
 def load_run(run_id: str | None = None, checkpoint: str | Path | None = None,
@@ -111,4 +116,5 @@ def load_run(run_id: str | None = None, checkpoint: str | Path | None = None,
     model = build_model(cfg, data)
     model.load_state_dict(state["model"])
     model.eval()
-    return LoadedRun(cfg=cfg, model=model, data=data, run_id=run_id, name=str(name), checkpoint=path)
+    return LoadedRun(cfg=cfg, model=model, data=data, run_id=run_id, name=str(name),
+                     checkpoint=str(path))

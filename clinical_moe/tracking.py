@@ -120,6 +120,26 @@ class StdoutLogger:
         pass
 
 
+def artifact_root_for(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (``<db dir>/mlartifacts``), else the server's default.
+
+    MLflow otherwise puts a SQLite store's artifacts in ``./mlruns`` of whatever directory the
+    process runs from, which scatters one store's files over several folders.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts beside a SQLite store) when absent."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root_for(uri))
+
+
 class MlflowLogger:
     """Logs to MLflow; creates a run, or re-opens ``run_id`` to continue a resumed run.
 
@@ -149,8 +169,7 @@ class MlflowLogger:
             self.client.update_run(run_id, status="RUNNING")
             self._run_id = run.info.run_id
         else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = ensure_experiment(self.client, experiment, self.uri)
             self._run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         logger.info("MLflow run %s at %s", self._run_id, self.uri)
 
