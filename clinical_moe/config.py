@@ -94,11 +94,29 @@ class TrackingConfig:
 class EvalConfig:
     """Evaluation under simulated missingness."""
 
-    mechanisms: list[str] = field(default_factory=lambda: ["mcar"])
-    rates: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    mechanisms: list[str] = field(default_factory=lambda: ["mcar", "mar", "mnar"])  # mcar | mar | mnar (label) | mnar_content
+    rates: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  # drop rates of observed modalities, each in [0, 1]
     patterns: bool = True  # also every fixed non-empty modality subset
-    bootstrap: int = 200  # bootstrap resamples for 95% CIs
-    seed: int = 0
+    bootstrap: int = 200  # bootstrap resamples for 95% CIs (0: no intervals)
+    seed: int = 0  # seed of the masks and the bootstrap resamples (not of the model)
+    batch_size: int = 128  # stays per encoder pass at evaluation
+    ece_bins: int = 10  # equal-width bins of the expected calibration error
+    mar_covariate: str = "severity"  # severity (mean |z| of the EHR values) | age (EHR static feature 0)
+    strength: float = 1.0  # MAR / MNAR logistic slope per standard deviation of the covariate
+
+    def __post_init__(self) -> None:
+        from clinical_moe.missingness import MECHANISMS
+
+        for m in self.mechanisms:
+            if m not in MECHANISMS:
+                raise ConfigError(f"eval.mechanisms: unknown mechanism {m!r}{closest(m, MECHANISMS)}")
+        for r in self.rates:
+            if not 0.0 <= float(r) <= 1.0:
+                raise ConfigError(f"eval.rates: {r} is not in [0, 1]")
+        if self.mar_covariate not in ("severity", "age"):
+            raise ConfigError(f"eval.mar_covariate: {self.mar_covariate!r} is not severity or age")
+        if self.bootstrap < 0 or self.batch_size < 1 or self.ece_bins < 1:
+            raise ConfigError("eval.bootstrap must be >= 0, eval.batch_size and eval.ece_bins >= 1")
 
 
 @dataclass
