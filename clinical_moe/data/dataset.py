@@ -155,10 +155,20 @@ class Collator:
     def __init__(self, dataset: CachedDataset) -> None:
         self.modalities = dataset.modalities
         self.templates: dict[str, dict[str, np.ndarray]] = {}
+        manifest = dataset.store.manifest
         for m, name in enumerate(self.modalities):
             idx = np.flatnonzero(dataset.present[:, m])
             if len(idx):
-                self.templates[name] = {k: np.zeros_like(v) for k, v in dataset[int(idx[0])][name].items()}
+                example = dataset[int(idx[0])][name]
+            else:  # nobody in this split has it (small cohorts): any stay of the cache gives shapes
+                others = manifest[manifest[f"has_{name}"].astype(bool)]
+                if not len(others):
+                    raise ValueError(
+                        f"no stay in the cache {dataset.store.cache_dir} has modality {name!r}; "
+                        "remove it from data.modalities or check the preprocessing summary")
+                row = others.iloc[0]
+                example = dataset.store.read(name, int(row["shard"]), int(row["row"]))
+            self.templates[name] = {k: np.zeros_like(v) for k, v in example.items()}
 
     def __call__(self, samples: list[Sample]) -> Batch:
         return collate(samples, self.modalities, self.templates)

@@ -106,3 +106,39 @@ def test_batches_feed_a_model(cache):
                          encoders={"ehr": {"num_static": 8}, "notes": {"vocab_size": 64}}).eval()
     with torch.no_grad():
         assert model(batch).logits.shape == (4, 1)
+
+
+def _copy_with_presence(cache, tmp_path, edit):
+    """A copy of ``cache`` whose manifest presence flags are rewritten by ``edit(manifest)``."""
+    import shutil
+
+    import pandas as pd
+
+    out = tmp_path / "cache"
+    shutil.copytree(cache, out)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    edit(manifest)
+    manifest.to_parquet(out / "manifest.parquet")
+    return out
+
+
+def test_collator_learns_shapes_from_other_splits_when_a_split_lacks_a_modality(cache, tmp_path):
+    def no_val_cxr(m):
+        m.loc[m["split"] == "val", "has_cxr"] = False
+
+    edited = _copy_with_presence(cache, tmp_path, no_val_cxr)
+    val = CachedDataset(edited, "val")
+    train = CachedDataset(edited, "train")
+    batch = Collator(val)([val[i] for i in range(4)])
+    ref = Collator(train)([train[i] for i in range(4)])
+    assert not batch.present[:, val.modalities.index("cxr")].any()
+    assert batch.inputs["cxr"]["image"].shape[1:] == ref.inputs["cxr"]["image"].shape[1:]
+
+
+def test_modality_absent_from_the_whole_cache_is_a_clear_error(cache, tmp_path):
+    def no_ecg(m):
+        m["has_ecg"] = False
+
+    edited = _copy_with_presence(cache, tmp_path, no_ecg)
+    with pytest.raises(ValueError, match="'ecg'"):
+        Collator(CachedDataset(edited, "train"))

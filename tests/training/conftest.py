@@ -8,21 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from clinical_moe.testing import write_toy_cache
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Several processes share two cores: multi-threaded kernels would thrash (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
