@@ -1,0 +1,179 @@
+"""Figures of the attribution report (matplotlib's object API: no pyplot, no global backend).
+
+Every function takes the tables of :func:`clinical_moe.attribution.tables.attribute_dataset`
+and returns a :class:`matplotlib.figure.Figure`, or None when there is nothing to draw (e.g.
+routing heatmaps of a head without routing). Figures are not registered with pyplot, so building
+them neither needs a display nor changes a notebook's backend: save them with ``fig.savefig`` or
+show them in a notebook with ``display(fig)``. Only numbers, modality names, missingness patterns
+and stay ids are drawn; nothing a patient wrote or was written about them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+LABELS = {"shapley": "Shapley (log-odds)", "ig": "Integrated Gradients (log-odds)",
+          "ablation": "drop-one ablation (risk)"}
+
+
+def _heatmap(ax, data: pd.DataFrame, title: str, fmt: str = "{:.2f}", cmap: str = "viridis",
+             center: bool = False) -> None:
+    values = data.to_numpy(float)
+    kw = {}
+    if center and np.isfinite(values).any():
+        lim = float(np.nanmax(np.abs(values))) or 1.0
+        kw = {"vmin": -lim, "vmax": lim}
+    im = ax.imshow(values, aspect="auto", cmap=cmap, **kw)
+    ax.set_xticks(range(data.shape[1]), [str(c) for c in data.columns], rotation=45, ha="right")
+    ax.set_yticks(range(data.shape[0]), [str(i) for i in data.index])
+    if values.size <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w"
+                        if not center else "k")
+    ax.set_title(title, fontsize=10)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+def importance_figure(summary: pd.DataFrame):
+    """Mean |attribution| per modality (over stays that have it), one panel per method."""
+    methods = [m for m in LABELS if m in set(summary["method"])]
+    fig = Figure(figsize=(4.2 * len(methods), 3.4))
+    axes = fig.subplots(1, len(methods), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        part = summary[summary["method"] == method]
+        ax.bar(part["modality"], part["mean_abs"], color="tab:blue", label="stays with it")
+        ax.bar(part["modality"], part["mean_abs_all"], color="tab:orange", alpha=0.7,
+               width=0.5, label="all stays (absent = 0)")
+        ax.set_title(f"mean |{LABELS[method]}|", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pattern_figure(patterns: pd.DataFrame, method: str = "shapley", modalities=None):
+    """Heatmap pattern x modality of the mean signed attribution of ``method``."""
+    part = patterns[patterns["method"] == method]
+    if part.empty:
+        return None
+    grid = part.pivot(index="pattern", columns="modality", values="mean")
+    if modalities is not None:
+        grid = grid.reindex(columns=[m for m in modalities if m in grid.columns])
+    n = part.groupby("pattern")["n_stays"].first()
+    grid.index = [f"{p} (n={n[p]})" for p in grid.index]
+    fig = Figure(figsize=(6, 0.45 * len(grid) + 1.8))
+    ax = fig.subplots()
+    _heatmap(ax, grid, f"mean {LABELS[method]} by missingness pattern", cmap="RdBu_r",
+             center=True)
+    fig.tight_layout()
+    return fig
+
+
+def routing_figures(by_modality: pd.DataFrame, by_pattern: pd.DataFrame) -> dict:
+    """One figure per MoE layer: router probability by (modality, status) and by pattern."""
+    figs = {}
+    for layer in sorted(set(by_modality["layer"])):
+        mod = by_modality[by_modality["layer"] == layer].copy()
+        mod["group"] = mod["modality"] + " / " + mod["status"]
+        g1 = mod.pivot(index="group", columns="expert", values="mean_prob")
+        pat = by_pattern[by_pattern["layer"] == layer]
+        g2 = pat.pivot(index="pattern", columns="expert", values="mean_prob")
+        fig = Figure(figsize=(12, 0.4 * max(len(g1), len(g2)) + 2.2))
+        axes = fig.subplots(1, 2)
+        _heatmap(axes[0], g1, f"layer {layer}: mean router probability by modality")
+        _heatmap(axes[1], g2, f"layer {layer}: by missingness pattern (observed tokens)")
+        for ax in axes:
+            ax.set_xlabel("expert")
+        fig.tight_layout()
+        figs[f"routing_layer{layer}"] = fig
+    return figs
+
+
+def interaction_figure(summary: pd.DataFrame):
+    """I2MoE mean interaction weights per missingness pattern (and over all stays)."""
+    if summary.empty or "group" not in summary:
+        return None
+    grid = summary.set_index("group").drop(columns=["n_stays"])
+    grid.index = [f"{g} (n={n})" for g, n in zip(grid.index, summary["n_stays"])]
+    fig = Figure(figsize=(7, 0.45 * len(grid) + 1.8))
+    ax = fig.subplots()
+    _heatmap(ax, grid, "I2MoE mean interaction weights (U_m over stays that have m)")
+    fig.tight_layout()
+    return fig
+
+
+def faithfulness_figure(faith: pd.DataFrame, per_stay: pd.DataFrame, truth: pd.DataFrame,
+                        modalities):
+    """Top-1 shares of the single-factor groups against chance, and true effect vs Shapley."""
+    top = faith[faith["metric"].str.endswith("_top1")]
+    if top.empty or truth.empty:
+        return None
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
+    metrics = sorted(set(top["metric"]))
+    methods = list(dict.fromkeys(top["method"]))
+    width = 0.8 / max(len(methods), 1)
+    for k, method in enumerate(methods):
+        part = top[top["method"] == method].set_index("metric").reindex(metrics)
+        xs = np.arange(len(metrics)) + k * width
+        axes[0].bar(xs, part["value"], width, label=method)
+        for x, n in zip(xs, part["n_stays"]):
+            axes[0].text(x, 0.02, f"n={int(n) if np.isfinite(n) else 0}", ha="center",
+                         fontsize=7, rotation=90)
+    chance = top.groupby("metric")["chance"].first().reindex(metrics)
+    axes[0].scatter(np.arange(len(metrics)) + 0.4 - width / 2, chance, marker="_", s=600,
+                    color="k", label="chance")
+    axes[0].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics, fontsize=8)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("share where the carrying modality ranks first", fontsize=10)
+    axes[0].legend(fontsize=7)
+    df = per_stay.merge(truth, on="stay_id")
+    for m in modalities:
+        sel = df[f"has_{m}"].astype(bool)
+        axes[1].scatter(df.loc[sel, f"true_{m}"], df.loc[sel, f"shapley_{m}"], s=10, label=m)
+    rho = faith[(faith["method"] == "shapley") & (faith["metric"] == "spearman_pooled")]["value"]
+    axes[1].set_title(f"true effect vs Shapley (Spearman {float(rho.iloc[0]):.2f})"
+                      if len(rho) else "true effect vs Shapley", fontsize=10)
+    axes[1].set_xlabel("true effect (log-odds)")
+    axes[1].set_ylabel("Shapley value (log-odds)")
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].axvline(0, color="grey", lw=0.5)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def stay_figure(per_stay: pd.DataFrame, stay_id: int, modalities):
+    """Bar chart of one stay's Shapley values and IG per modality (drill-down)."""
+    row = per_stay[per_stay["stay_id"] == stay_id]
+    if row.empty:
+        raise KeyError(f"stay {stay_id} is not in the attributed stays")
+    row = row.iloc[0]
+    x = np.arange(len(modalities))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    ax.bar(x - 0.2, [row[f"shapley_{m}"] for m in modalities], 0.4, label="Shapley")
+    ax.bar(x + 0.2, [row[f"ig_{m}"] for m in modalities], 0.4, label="IG")
+    ax.set_xticks(x, [m if row[f"has_{m}"] else f"{m}\n(absent)" for m in modalities])
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_ylabel("log-odds")
+    ax.set_title(f"stay {stay_id}: risk {row['risk']:.3f} (prevalence "
+                 f"{1 / (1 + np.exp(-row['base_log_odds'])):.3f})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ecg_occlusion_figure(occlusion: np.ndarray, leads, stay_id: int):
+    """Heatmap lead x time window of one stay's ECG occlusion (change in log-odds)."""
+    n = occlusion.shape[1]
+    grid = pd.DataFrame(occlusion, index=list(leads), columns=[f"{k + 1}/{n}" for k in range(n)])
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    _heatmap(ax, grid, f"stay {stay_id}: ECG occlusion (log-odds drop when flattened)",
+             fmt="{:.3f}", cmap="RdBu_r", center=True)
+    ax.set_xlabel("time window")
+    fig.tight_layout()
+    return fig

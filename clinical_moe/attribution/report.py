@@ -1,0 +1,133 @@
+"""Write the attribution tables (CSV + Parquet), figures (PNG) and a self-contained HTML report.
+
+The HTML embeds its figures as base64 PNGs, so one file can be archived or attached to an MLflow
+run. It names stays by stay id only and holds numbers, modality names and missingness patterns:
+no patient free text ever reaches it (ARCHITECTURE.md, privacy convention).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from clinical_moe.attribution import plots
+
+_CSS = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:0.5em 0}td,th{border:1px solid #ccc;
+padding:2px 6px;text-align:right}th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}
+.note{color:#555;font-size:13px}img{max-width:100%}"""
+
+METHODS_TEXT = """<p class="note">All methods explain the log-odds of the target
+({target}). <b>Shapley</b>: exact modality Shapley values over all coalitions of the stay's
+modalities, a removed modality taking the head's own missing-modality path; v(empty) = log-odds of
+the training prevalence ({prev:.3f}); per stay they sum to the model's log-odds minus v(empty).
+<b>IG</b>: Integrated Gradients (Sundararajan et al. 2017) over the encoders' output tokens,
+summed per modality, baseline = zero tokens (masks kept). <b>Ablation</b>: change in predicted
+risk when one modality is dropped (positive = the modality raised the risk); not defined for a
+stay's only modality. Absent modalities get 0 (Shapley, IG).</p>"""
+
+
+def save_tables(tables: dict[str, pd.DataFrame], folder: str | Path) -> list[Path]:
+    """Write every table as ``<name>.csv`` and ``<name>.parquet``; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, df in tables.items():
+        df = df.reset_index(drop=True)
+        df.to_csv(folder / f"{name}.csv", index=False)
+        df.to_parquet(folder / f"{name}.parquet", index=False)
+        files += [folder / f"{name}.csv", folder / f"{name}.parquet"]
+    return files
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def make_figures(tables: dict[str, pd.DataFrame], modalities) -> dict[str, bytes]:
+    """PNG bytes of every figure that applies to these tables."""
+    figs = {"importance": plots.importance_figure(tables["modality_summary"]),
+            "patterns": plots.pattern_figure(tables["pattern_summary"], modalities=modalities)}
+    figs.update(plots.routing_figures(tables["routing_by_modality"], tables["routing_by_pattern"]))
+    figs["interactions"] = plots.interaction_figure(tables["interaction_summary"])
+    truth = tables.get("faithfulness_per_stay", pd.DataFrame())
+    if "faithfulness" in tables and not truth.empty:
+        figs["faithfulness"] = plots.faithfulness_figure(
+            tables["faithfulness"], tables["per_stay"],
+            truth[["stay_id", *[f"true_{m}" for m in modalities]]], modalities)
+    return {k: _png(f) for k, f in figs.items() if f is not None}
+
+
+def _table(df: pd.DataFrame, max_rows: int = 60) -> str:
+    return df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                     na_rep="–", border=0)
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if png is None:
+        return ""
+    data = base64.b64encode(png).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def high_risk_stays(per_stay: pd.DataFrame, modalities, n: int = 10) -> pd.DataFrame:
+    """The ``n`` stays with the highest predicted risk: stay id, risk, label, pattern, Shapley."""
+    cols = ["stay_id", "risk", "label", "pattern", *[f"shapley_{m}" for m in modalities]]
+    return per_stay.sort_values("risk", ascending=False, kind="stable").head(n)[cols]
+
+
+def write_html(path: str | Path, tables: dict[str, pd.DataFrame], figures: dict[str, bytes],
+               info: dict, modalities) -> Path:
+    """The self-contained HTML report (see the module docstring)."""
+    path = Path(path)
+    esc = html.escape
+    prev = float(info.get("prevalence", float("nan")))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Attribution report "
+             f"{esc(str(info.get('run', '')))}</title><style>{_CSS}</style></head><body>",
+             f"<h1>Modality attributions: {esc(str(info.get('run', '')))}</h1>",
+             _table(pd.DataFrame({"key": list(info), "value": [str(v) for v in info.values()]})),
+             METHODS_TEXT.format(target=esc(str(info.get("target", ""))), prev=prev),
+             "<h2>Mean |attribution| per modality</h2>",
+             _img(figures.get("importance"), "importance"),
+             _table(tables["modality_summary"]),
+             "<h2>By missingness pattern</h2>", _img(figures.get("patterns"), "patterns"),
+             _table(tables["pattern_summary"][tables["pattern_summary"]["method"] == "shapley"])]
+    routing = [k for k in sorted(figures) if k.startswith("routing_layer")]
+    parts.append("<h2>Routing</h2>")
+    if routing:
+        parts += [_img(figures[k], k) for k in routing]
+        parts.append(_table(tables["routing_specialisation"]))
+    else:
+        parts.append("<p class='note'>This head has no token router "
+                     "(no router probabilities in its gates).</p>")
+    if not tables["interaction_summary"].empty:
+        parts += ["<h2>I2MoE interaction weights</h2>",
+                  _img(figures.get("interactions"), "interactions"),
+                  _table(tables["interaction_summary"])]
+    parts += ["<h2>Faithfulness against the synthetic truth</h2>",
+              _img(figures.get("faithfulness"), "faithfulness"), _table(tables["faithfulness"]),
+              "<h2>Highest-risk stays (by stay id)</h2>",
+              _table(high_risk_stays(tables["per_stay"], modalities)),
+              "</body></html>"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def write_report(out: str | Path, tables: dict[str, pd.DataFrame], info: dict,
+                 modalities) -> dict[str, Path]:
+    """Tables, figures and ``report.html`` under ``out``; returns their locations."""
+    out = Path(out)
+    save_tables(tables, out / "tables")
+    figures = make_figures(tables, modalities)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for name, png in figures.items():
+        (out / "figures" / f"{name}.png").write_bytes(png)
+    report = write_html(out / "report.html", tables, figures, info, modalities)
+    return {"tables": out / "tables", "figures": out / "figures", "report": report}
