@@ -219,12 +219,20 @@ class MlflowLogger:
         with torch.no_grad():
             out = model(*[torch.from_numpy(v) for v in example.values()]).numpy()
         signature = infer_signature(example, out)
-        with mlflow.start_run(run_id=self._run_id):
-            mlflow.pytorch.log_model(
-                model, name="model", signature=signature, serialization_format="pickle",
-                # explicit requirements: skips MLflow's slow requirement inference subprocess
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clinical_moe"],
-            )
+        # The flat wrapper is pickled (its submodules are ours); MLflow warns about pickle on
+        # every call, which says nothing to a user who loads runs they trained themselves.
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with mlflow.start_run(run_id=self._run_id):
+                mlflow.pytorch.log_model(
+                    model, name="model", signature=signature, serialization_format="pickle",
+                    # explicit requirements: skips MLflow's slow requirement inference subprocess
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clinical_moe"],
+                )
+        finally:
+            quiet.setLevel(level)
 
     def close(self, status: str = "FINISHED") -> None:
         if self._mlflow.active_run() is not None:

@@ -53,6 +53,35 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
+def print_eval_headline(grid) -> None:
+    """Test AUROC per run at natural missingness and at MCAR 0.5, with the oracle ceiling."""
+    auroc = grid[grid["metric"] == "auroc"]
+    natural = auroc[auroc["mechanism"] == "natural"].set_index("run")
+    mcar = auroc[(auroc["mechanism"] == "mcar") & (auroc["rate"].round(2) == 0.5)].set_index("run")
+    for run, row in natural.iterrows():
+        line = f"{run:<28} AUROC natural {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        if run in mcar.index:
+            line += f", MCAR 0.5 {mcar.loc[run, 'value']:.3f}"
+        print(line)
+    oracle = grid.attrs.get("oracle_auroc")
+    if oracle is not None and oracle == oracle:
+        print(f"{'oracle (true risk)':<28} AUROC {oracle:.3f}")
+
+
+def print_attribution_headline(tables: dict) -> None:
+    """Mean |Shapley| per modality and the faithfulness figures against the synthetic truth."""
+    summary = tables.get("modality_summary")
+    if summary is not None and len(summary):
+        shap = summary[summary["method"] == "shapley"]
+        print("mean |Shapley| (log-odds) where present: " + ", ".join(
+            f"{r.modality} {r.mean_abs:.3f}" for r in shap.itertuples()))
+    faith = tables.get("faithfulness")
+    if faith is not None and len(faith):
+        shap = faith[faith["method"] == "shapley"]
+        print("faithfulness (Shapley): " + ", ".join(
+            f"{r.metric} {r.value:.2f} (n={r.n_stays})" for r in shap.itertuples()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.evaluate import evaluate
 
     eval_out = out / "evaluation"
-    evaluate(run_ids=list(run_ids.values()), out=eval_out, quiet=quiet)
+    grid = evaluate(run_ids=list(run_ids.values()), out=eval_out, quiet=quiet)
+    print_eval_headline(grid)
     results["evaluation report"] = eval_out / "report.html"
     timings["evaluate_s"] = time.perf_counter() - t
 
@@ -106,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.attribute import attribute
 
     attr_out = out / "attribution"
-    attribute(run_id=run_ids[args.heads[0]], out=attr_out, quiet=quiet)
+    tables = attribute(run_id=run_ids[args.heads[0]], out=attr_out, quiet=quiet)
+    print_attribution_headline(tables)
     results["attribution report"] = attr_out / "report.html"
     timings["attribute_s"] = time.perf_counter() - t
 
@@ -114,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = resolve_tracking_uri(configs[args.heads[0]].tracking.uri)
     print("\n== results ==")
-    print(f"corpus:        {corpus}  (ground truth in {corpus / 'truth'})")
-    print(f"cache:         {cache}  (preprocessing summary: {cache / 'summary.json'})")
+    print(f"corpus:             {corpus}  (ground truth in {corpus / 'truth'})")
+    print(f"cache:              {cache}  (preprocessing summary: {cache / 'summary.json'})")
     for head, rid in run_ids.items():
-        print(f"MLflow run:    {head:<10} {rid}")
+        print(f"MLflow run:         {head:<10} {rid}")
     for name, path in results.items():
-        print(f"{name + ':':<15}{path}")
-    print("timings:       " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    print(f"browse runs:   mlflow ui --backend-store-uri {uri}")
+        print(f"{name + ':':<20}{path}")
+    print("timings:            " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(f"browse runs:        mlflow ui --backend-store-uri {uri}")
     return 0
 
 
