@@ -172,3 +172,34 @@ def test_multiclass_target_is_class_log_odds_and_stays_efficient():
     with torch.no_grad():
         p = torch.softmax(model(batch).logits, -1)[:, 2]
     torch.testing.assert_close(phi.sum(1), torch.log(p / (1 - p)) + 0.4, atol=1e-4, rtol=1e-4)
+
+
+class SymmetricHead(FusionHead):
+    """Output = BASE + g(m0) + g(m1) + g(m0) * g(m1), with g shared: m0 and m1 are symmetric."""
+
+    def __init__(self, modalities, d_model, num_classes, num_tokens=None):
+        super().__init__(modalities, d_model, num_classes, num_tokens)
+        self.g = torch.nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens, present, labels=None):
+        parts = []
+        for m in (0, 1):
+            t = tokens[self.modalities[m]]
+            parts.append(self.g(masked_mean(t.tokens, t.mask)) * present[:, m : m + 1])  # (B, C)
+        logits = BASE + parts[0] + parts[1] + parts[0] * parts[1]
+        return FusionOutput(logits, zero_loss(logits))
+
+
+def test_symmetric_modalities_get_equal_shapley_values():
+    torch.manual_seed(0)
+    encoders = build_encoders(GENERIC4, d_model=16, num_tokens=3)
+    encoders["m1"].load_state_dict(encoders["m0"].state_dict())  # same encoder for m0 and m1
+    model = MultimodalModel(encoders, SymmetricHead(GENERIC4, 16, 1)).eval()
+    batch = random_batch(model, batch_size=6, present=torch.ones(6, 4, dtype=torch.bool), seed=2)
+    batch.inputs["m1"] = {k: v.clone() for k, v in batch.inputs["m0"].items()}  # same content
+    cols, _ = attribute_batch(model, batch, TARGET, ig_steps=8)
+    a, b = torch.tensor(cols["shapley_m0"]), torch.tensor(cols["shapley_m1"])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert a.abs().min() > 1e-4  # not trivially zero
+    for null in ("m2", "m3"):  # players the head ignores
+        assert torch.allclose(torch.tensor(cols[f"shapley_{null}"]), torch.zeros(()), atol=1e-6)
