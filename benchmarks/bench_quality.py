@@ -28,8 +28,11 @@ from benchmarks.common import add_common_args, environment, finish, set_threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--n-patients", type=int, default=20000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--heads", nargs="+", default=None, help="default: every registered head")
@@ -67,37 +70,69 @@ def one_seed(args, seed: int, heads: list[str], work: Path, uri: str) -> pd.Data
     corpus = work / f"corpus-n{args.n_patients}-s{seed}"
     cache = work / f"cache-n{args.n_patients}-s{seed}"
     if not (corpus / "truth" / "stays.csv.gz").is_file():
-        generate_corpus(corpus, n_patients=args.n_patients, seed=seed,
-                        image_size=tuple(args.image_size), quiet=True, overwrite=True)
+        generate_corpus(
+            corpus,
+            n_patients=args.n_patients,
+            seed=seed,
+            image_size=tuple(args.image_size),
+            quiet=True,
+            overwrite=True,
+        )
     runs: dict[str, str] = {}
     rows = []
     client = mlflow.MlflowClient(uri)
     for head in heads:
-        overrides = [f"data.root={corpus}", f"data.cache_dir={cache}", f"seed={seed}",
-                     f"train.checkpoint_dir={work / 'checkpoints'}", f"tracking.uri={uri}",
-                     "tracking.log_model=false", f"tracking.run_name={head}-n{args.n_patients}-s{seed}",
-                     *args.overrides]
+        overrides = [
+            f"data.root={corpus}",
+            f"data.cache_dir={cache}",
+            f"seed={seed}",
+            f"train.checkpoint_dir={work / 'checkpoints'}",
+            f"tracking.uri={uri}",
+            "tracking.log_model=false",
+            f"tracking.run_name={head}-n{args.n_patients}-s{seed}",
+            *args.overrides,
+        ]
         cfg = load_config(Path(args.config_dir) / f"{head}.yaml", overrides)
         if head == heads[0]:
             build_cache(cfg, resume=True, quiet=True)
         t0 = time.perf_counter()
         train(cfg, quiet=True)
         wall = time.perf_counter() - t0
-        run_id = CheckpointDir(Path(cfg.train.checkpoint_dir) / run_name_of(cfg)).read_run()["run_id"]
+        run_id = CheckpointDir(Path(cfg.train.checkpoint_dir) / run_name_of(cfg)).read_run()[
+            "run_id"
+        ]
         runs[head] = run_id
         to_best, best_epoch = time_to_best(client, run_id)
-        rows.append({"seed": seed, "head": head, "run_id": run_id, "train_wall_s": wall,
-                     "time_to_best_s": to_best, "best_epoch": best_epoch})
-    grid = evaluate(run_ids=list(runs.values()), out=work / f"eval-n{args.n_patients}-s{seed}",
-                    tracking_uri=uri, quiet=True, mechanisms=["mcar"], rates=[0.0, args.mcar],
-                    patterns=False, bootstrap=args.bootstrap, seed=seed)
+        rows.append(
+            {
+                "seed": seed,
+                "head": head,
+                "run_id": run_id,
+                "train_wall_s": wall,
+                "time_to_best_s": to_best,
+                "best_epoch": best_epoch,
+            }
+        )
+    grid = evaluate(
+        run_ids=list(runs.values()),
+        out=work / f"eval-n{args.n_patients}-s{seed}",
+        tracking_uri=uri,
+        quiet=True,
+        mechanisms=["mcar"],
+        rates=[0.0, args.mcar],
+        patterns=False,
+        bootstrap=args.bootstrap,
+        seed=seed,
+    )
     oracle = grid.attrs.get("oracle_auroc", float("nan"))
     info = pd.DataFrame(rows)
     keep = grid[(grid["mechanism"] == "mcar") & grid["metric"].isin(["auroc", "auprc"])]
-    wide = keep.pivot_table(index=["run_id", "rate"], columns="metric",
-                            values=["value", "ci_low", "ci_high"]).reset_index()
-    wide.columns = ["_".join(c for c in col if c) if isinstance(col, tuple) else col
-                    for col in wide.columns]
+    wide = keep.pivot_table(
+        index=["run_id", "rate"], columns="metric", values=["value", "ci_low", "ci_high"]
+    ).reset_index()
+    wide.columns = [
+        "_".join(c for c in col if c) if isinstance(col, tuple) else col for col in wide.columns
+    ]
     out = info.merge(wide, on="run_id")
     out["oracle_auroc"] = oracle
     out["auroc_of_oracle"] = out["value_auroc"] / oracle
@@ -113,8 +148,10 @@ def summarise(table: pd.DataFrame, mcar: float) -> dict:
         heads[head] = {
             "auroc_natural": float(nat["value_auroc"].mean()),
             "auroc_natural_sd": float(nat["value_auroc"].std(ddof=1)) if len(nat) > 1 else None,
-            "auroc_natural_ci_first_seed": [float(nat["ci_low_auroc"].iloc[0]),
-                                            float(nat["ci_high_auroc"].iloc[0])],
+            "auroc_natural_ci_first_seed": [
+                float(nat["ci_low_auroc"].iloc[0]),
+                float(nat["ci_high_auroc"].iloc[0]),
+            ],
             "auprc_natural": float(nat["value_auprc"].mean()),
             "auroc_of_oracle_natural": float(nat["auroc_of_oracle"].mean()),
             f"auroc_mcar{mcar}": float(mis["value_auroc"].mean()),
@@ -124,14 +161,20 @@ def summarise(table: pd.DataFrame, mcar: float) -> dict:
             "train_wall_s": float(nat["train_wall_s"].mean()),
         }
     best = max(heads, key=lambda h: heads[h]["auroc_natural"])
-    targets = {"best_head": best,
-               "best_head_auroc_of_oracle": heads[best]["auroc_of_oracle_natural"],
-               "best_head_ge_0.95_oracle": heads[best]["auroc_of_oracle_natural"] >= 0.95}
+    targets = {
+        "best_head": best,
+        "best_head_auroc_of_oracle": heads[best]["auroc_of_oracle_natural"],
+        "best_head_ge_0.95_oracle": heads[best]["auroc_of_oracle_natural"] >= 0.95,
+    }
     if "late" in heads:
-        targets["best_head_drop_lt_late_drop"] = (heads[best][f"auroc_drop_mcar{mcar}"]
-                                                  < heads["late"][f"auroc_drop_mcar{mcar}"])
-    return {"heads": heads, "oracle_auroc_mean": float(table["oracle_auroc"].mean()),
-            "targets": targets}
+        targets["best_head_drop_lt_late_drop"] = (
+            heads[best][f"auroc_drop_mcar{mcar}"] < heads["late"][f"auroc_drop_mcar{mcar}"]
+        )
+    return {
+        "heads": heads,
+        "oracle_auroc_mean": float(table["oracle_auroc"].mean()),
+        "targets": targets,
+    }
 
 
 def main(argv=None) -> dict:
@@ -143,8 +186,11 @@ def main(argv=None) -> dict:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    report = {"benchmark": "quality", "environment": environment(),
-              "params": {k: v for k, v in vars(args).items() if k not in ("out",)}}
+    report = {
+        "benchmark": "quality",
+        "environment": environment(),
+        "params": {k: v for k, v in vars(args).items() if k not in ("out",)},
+    }
     t0 = time.perf_counter()
     table = pd.concat([one_seed(args, s, heads, work, uri) for s in args.seeds], ignore_index=True)
     table.to_csv(work / f"quality-n{args.n_patients}.csv", index=False)

@@ -1,0 +1,92 @@
+"""Per-file decode throughput: our readers against the bare libraries, on the same files.
+
+DICOM: ``pydicom.dcmread(f).pixel_array`` (bare) vs :func:`clinical_moe.data.cxr.read_cxr` (checks,
+display LUTs, MONOCHROME1 inversion, [0, 1] stretch) and ``read_cxr`` + the cache's resize
+transform (what preprocessing does per image). WFDB: ``wfdb.rdrecord(base)`` (bare) vs
+:func:`clinical_moe.data.ecg.read_ecg` at the cache's rate (what preprocessing does per record)
+and at the file's own rate (no resampling). Methods run interleaved round by round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.common import median, ratio, time_interleaved
+
+
+def _files(root: Path, pattern: str, n: int) -> list[Path]:
+    return sorted(root.glob(pattern))[:n]
+
+
+def _compare(methods: dict[str, Callable[[Path], object]], files: list[Path], reps: int) -> dict:
+    """Files/s of each method over ``files`` (median of ``reps`` interleaved rounds)."""
+
+    def over_all(fn):
+        return lambda: [fn(f) for f in files]
+
+    times = time_interleaved([over_all(fn) for fn in methods.values()], warmup=1, reps=reps)
+    rates = {name: len(files) / median(ts) for name, ts in zip(methods, times)}
+    out = {"files": len(files), "reps": reps}
+    out.update({f"{name}_files_per_s": round(r, 1) for name, r in rates.items()})
+    return out, rates
+
+
+def bench_cxr(root: Path, image_size: int, n: int, reps: int) -> dict | None:
+    """DICOM decode: bare pydicom vs ``read_cxr`` vs ``read_cxr`` + resize transform."""
+    import pydicom
+
+    from clinical_moe.data.cxr import cxr_transform, read_cxr
+
+    files = _files(root, "mimic-cxr/files/p*/p*/s*/*.dcm", n)
+    if not files:
+        return None
+    tf = cxr_transform(image_size)
+    methods = {
+        "bare_pydicom": lambda f: pydicom.dcmread(f).pixel_array,
+        "read_cxr": read_cxr,
+        "read_cxr_transform": lambda f: tf(read_cxr(f)),
+    }
+    out, rates = _compare(methods, files, reps)
+    px = [pydicom.dcmread(f).pixel_array.size for f in files]
+    out["mean_megapixels"] = round(sum(px) / len(px) / 1e6, 4)
+    out["cache_image_size"] = image_size
+    out["ratio_read_cxr"] = ratio(rates["read_cxr"], rates["bare_pydicom"])
+    out["ratio_read_cxr_transform"] = ratio(rates["read_cxr_transform"], rates["bare_pydicom"])
+    return out
+
+
+def bench_ecg(root: Path, ecg_samples: int, n: int, reps: int) -> dict | None:
+    """WFDB decode: bare ``wfdb.rdrecord`` vs ``read_ecg`` (cache rate and native rate)."""
+    import wfdb
+
+    from clinical_moe.data.ecg import read_ecg
+
+    bases = [p.with_suffix("") for p in _files(root, "mimic-iv-ecg/files/p*/p*/s*/*.hea", n)]
+    if not bases:
+        return None
+    fs_cache = ecg_samples / 10.0
+    native = wfdb.rdheader(str(bases[0])).fs
+    methods = {
+        "bare_wfdb": lambda b: wfdb.rdrecord(str(b)).p_signal,
+        "read_ecg": lambda b: read_ecg(b, fs=fs_cache).signal,
+        "read_ecg_native": lambda b: read_ecg(b, fs=native).signal,
+    }
+    out, rates = _compare(methods, bases, reps)
+    out["cache_fs"] = fs_cache
+    out["file_fs"] = native
+    out["ratio_read_ecg"] = ratio(rates["read_ecg"], rates["bare_wfdb"])
+    out["ratio_read_ecg_native"] = ratio(rates["read_ecg_native"], rates["bare_wfdb"])
+    return out
+
+
+def bench_decode(root: Path, config: str, n: int = 200, reps: int = 3) -> dict:
+    """Both comparisons on the corpus at ``root``, with the data settings of ``config``."""
+    from clinical_moe.config import load_config
+
+    d = load_config(config).data
+    return {
+        "corpus": str(root),
+        "cxr": bench_cxr(root, d.image_size, n, reps),
+        "ecg": bench_ecg(root, d.ecg_samples, n, reps),
+    }

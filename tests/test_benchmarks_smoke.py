@@ -1,0 +1,197 @@
+"""Smoke tests of the benchmarks: each one's smallest configuration, in-process, on one thread.
+
+They check that every report has its documented keys and sane (finite, positive) numbers, so a
+benchmark that silently measures nothing fails here. The figures themselves are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_moe, bench_pipeline, bench_train, run_all
+from benchmarks.common import ratio, time_interleaved
+
+# The module's fixtures build on each other: keep its tests on one xdist worker (make test).
+pytestmark = pytest.mark.xdist_group(name="benchmarks")
+
+SMALL_IMAGES = ["--image-size", "32", "48"]
+PATIENTS = "60"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def check_environment(report: dict) -> None:
+    env = report["environment"]
+    assert env["machine"]["cpu_model"] and positive(env["machine"]["cores_logical"])
+    assert positive(env["machine"]["ram_gb"])
+    assert set(env["versions"]) == {"python", "torch", "numpy", "clinical_moe"}
+    assert "git_commit" in env and "load_average" in env
+    assert isinstance(report["machine_loaded"], bool)
+    assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
+
+
+def check_written(report: dict, path) -> None:
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report, default=str))
+
+
+@pytest.fixture(scope="module")
+def moe_report(work):
+    argv = [
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--tokens",
+        "256",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--i2moe-batch",
+        "4",
+        "--out",
+        str(work / "moe.json"),
+    ]
+    return bench_moe.main(argv, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline_report(work):
+    argv = [
+        "--in-process",
+        "--sizes",
+        PATIENTS,
+        *SMALL_IMAGES,
+        "--workers",
+        "1",
+        "--decode-files",
+        "4",
+        "--decode-reps",
+        "1",
+        "--work",
+        str(work),
+        "--out",
+        str(work / "pipeline.json"),
+    ]
+    return bench_pipeline.main(argv, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def train_report(work, pipeline_report):  # reuses the pipeline's corpus
+    argv = [
+        "--in-process",
+        "--patients",
+        PATIENTS,
+        *SMALL_IMAGES,
+        "--heads",
+        "fusemoe",
+        "--tiers",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--ddp",
+        "--work",
+        str(work),
+        "--out",
+        str(work / "train.json"),
+    ]
+    return bench_train.main(argv, quiet=True)
+
+
+def test_helpers():
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0.0) is None
+    calls = []
+    times = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 1, 2)
+    assert calls == ["a", "b"] * 3 and len(times) == 2 and all(len(t) == 2 for t in times)
+
+
+def test_bench_moe(moe_report, work):
+    check_environment(moe_report)
+    check_written(moe_report, work / "moe.json")
+    (row,) = moe_report["results"]
+    assert (row["experts"], row["top_k"], row["tokens"]) == (4, 2, 256)
+    assert all(
+        positive(row[k]) for k in ("moe_ms", "dense_ms", "ratio", "ratio_of_min", "ratio_paired")
+    )
+    i2 = moe_report["i2moe"]
+    assert all(positive(i2[k]) for k in ("i2moe_ms", "backbone_ms", "ratio"))
+    assert i2["work_ratio"] >= i2["experts"] and i2["stacked_rows"] >= i2["batch_size"] == 4
+    target = moe_report["target"]
+    assert target["measured_ratio"] is None and target["met"] is None  # point not in this grid
+
+
+def test_bench_pipeline(pipeline_report, work):
+    check_environment(pipeline_report)
+    check_written(pipeline_report, work / "pipeline.json")
+    (size,) = pipeline_report["sizes"]
+    syn, pre = size["synth"], size["preprocess"]
+    for k in ("stays_per_s", "dicoms_per_s", "ecgs_per_s", "peak_rss_tree_mb", "seconds"):
+        assert positive(syn[k]) and positive(pre[k]), k
+    assert pre["num_stays"] > 0 and pre["skipped_files"] == 0 and 0 < pre["plan_share"] < 1
+    assert positive(size["corpus_mb"]) and pipeline_report["scaling_with_workers"] == []
+    (row,) = pipeline_report["scaling_with_size"]
+    assert row["preprocess_rate_vs_smallest"] == 1.0
+    cxr, ecg = pipeline_report["decode"]["cxr"], pipeline_report["decode"]["ecg"]
+    assert cxr["files"] == ecg["files"] == 4
+    for k in (
+        "bare_pydicom_files_per_s",
+        "read_cxr_transform_files_per_s",
+        "ratio_read_cxr",
+        "ratio_read_cxr_transform",
+    ):
+        assert positive(cxr[k]), k
+    for k in ("bare_wfdb_files_per_s", "read_ecg_files_per_s", "ratio_read_ecg"):
+        assert positive(ecg[k]), k
+    targets = pipeline_report["targets"]
+    assert isinstance(targets["decode"]["dicom_met"], bool)
+    assert targets["rss_50k"]["met"] is None  # one size: nothing to extrapolate from
+
+
+def test_bench_train(train_report, work):
+    check_environment(train_report)
+    check_written(train_report, work / "train.json")
+    assert train_report["data"]["synth_reused"] is True
+    (row,) = train_report["results"]
+    assert "error" not in row and (row["head"], row["tier"]) == ("fusemoe", "tiny")
+    for k in (
+        "train_samples_per_s",
+        "infer_samples_per_s",
+        "load_samples_per_s",
+        "peak_rss_mb",
+        "parameters",
+    ):
+        assert positive(row[k]), k
+    assert train_report["ddp_scaling"] == []
+
+
+def test_run_all_summary(moe_report, pipeline_report, train_report):
+    moe = run_all.summarize("moe", moe_report)
+    assert moe["ratios"] == {"E4k2n256": moe_report["results"][0]["ratio"]}
+    assert positive(moe["i2moe"]["ratio"])
+    pipe = run_all.summarize("pipeline", pipeline_report)
+    assert positive(pipe["sizes"][0]["preprocess_stays_per_s"])
+    assert set(pipe["decode_ratios"]["cxr"]) == {"ratio_read_cxr", "ratio_read_cxr_transform"}
+    train = run_all.summarize("train", train_report)
+    assert positive(train["results"][0]["train_samples_per_s"])
+    json.dumps([moe, pipe, train])
