@@ -191,3 +191,21 @@ class FusionOutput:
     aux_loss: torch.Tensor
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+_ELSEWHERE = {  # the registry and the config loader live in their own modules (no import cycle)
+    "create_model": "clinical_moe.model",
+    "list_models": "clinical_moe.model",
+    "load_config": "clinical_moe.config",
+    "Config": "clinical_moe.config",
+    "ConfigError": "clinical_moe.config",
+}
+
+
+def __getattr__(name: str):
+    """``from clinical_moe.types import create_model, list_models, load_config`` also works."""
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

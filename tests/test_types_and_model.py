@@ -106,3 +106,20 @@ def test_encoder_runs_on_present_rows_only():
     present = torch.tensor([[True, True], [False, True], [True, False]])
     model.eval()(random_batch(model, 3, present=present, seed=3))
     assert calls == [2]
+
+
+def test_types_module_also_exposes_registry_and_config_loader():
+    from clinical_moe import types
+
+    assert types.list_models() == clinical_moe_list_models()
+    assert types.create_model("late", modalities=("ehr",)).modalities == ("ehr",)
+    with pytest.raises(types.ConfigError, match="epochs"):
+        types.load_config({}, ["train.epoch=3"])
+    with pytest.raises(AttributeError):
+        types.not_a_name  # noqa: B018
+
+
+def clinical_moe_list_models():
+    from clinical_moe import list_models
+
+    return list_models()
