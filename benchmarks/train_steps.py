@@ -191,7 +191,7 @@ def ddp_run(
         "threads_per_process": threads,
         "samples_per_s": _last_epoch_rate(uri, name),
         "wall_seconds": round(res["seconds"], 1),
-        "peak_rss_tree_mb": res["peak_rss_tree_mb"],
+        **{k: v for k, v in res.items() if k.startswith(("peak_", "max_"))},
         "other_processes_cores": share.others_cores(),
     }
 
