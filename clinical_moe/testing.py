@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from clinical_moe.model import MultimodalModel, build_encoders
-from clinical_moe.types import Batch
+from clinical_moe.types import Batch, ModalityTokens
 
 
 def _encoders_of(model_or_modalities):
@@ -116,6 +116,21 @@ def noise_padding(batch: Batch, model: MultimodalModel, seed: int = 2) -> Batch:
             new[key] = torch.where(mask, v, _noise_like(v, gen))
         inputs[name] = new
     return replace(batch, inputs=inputs)
+
+
+def noise_padded_tokens(tokens: dict[str, ModalityTokens], seed: int = 3,
+                        scale: float = 5.0) -> dict[str, ModalityTokens]:
+    """Encoder outputs with every padded token (``mask`` False) replaced by large noise.
+
+    A head must give the same output on the result as on ``tokens``; the token-level twin of
+    :func:`noise_padding`, for tests that call a head directly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in tokens.items():
+        noise = torch.randn(t.tokens.shape, generator=gen, dtype=t.tokens.dtype) * scale
+        out[name] = replace(t, tokens=torch.where(t.mask[..., None], t.tokens, noise))
+    return out
 
 
 def cat_batches(*batches: Batch) -> Batch:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from clinical_moe import create_model
 from clinical_moe.fusion.flex_moe import FlexMoE, combination_id, combination_of
 from clinical_moe.fusion.moe import MoEOutput
-from clinical_moe.testing import random_batch
+from clinical_moe.testing import noise_padded_tokens, random_batch
 from clinical_moe.types import ModalityTokens
 
 MODS = ("a", "b", "c")
@@ -172,12 +172,7 @@ def test_gate_loss_reaches_router_and_padding_invisible():
     head.eval()
     toks = _tokens(PRESENT, pad=True)
     ref = head(toks, PRESENT).logits
-    noisy = {
-        m: ModalityTokens(
-            torch.where(t.mask[..., None], t.tokens, torch.randn_like(t.tokens) * 5), t.mask
-        )
-        for m, t in toks.items()
-    }
+    noisy = noise_padded_tokens(toks)
     torch.testing.assert_close(head(noisy, PRESENT).logits, ref)
 
 

@@ -8,7 +8,7 @@ import torch
 from clinical_moe import create_model
 from clinical_moe.fusion.fusemoe import FuseMoE
 from clinical_moe.fusion.moe import entropy_reg
-from clinical_moe.testing import random_batch
+from clinical_moe.testing import noise_padded_tokens, random_batch
 from clinical_moe.types import ModalityTokens
 
 MODS = ("a", "b", "c")
@@ -67,12 +67,7 @@ def test_absent_content_and_padding_are_invisible():
         head = _head(readout=readout).eval()
         toks = _tokens(PRESENT)
         ref = head(toks, PRESENT).logits
-        noisy = {
-            m: ModalityTokens(
-                torch.where(t.mask[..., None], t.tokens, torch.randn_like(t.tokens) * 5), t.mask
-            )
-            for m, t in toks.items()
-        }
+        noisy = noise_padded_tokens(toks)
         torch.testing.assert_close(head(noisy, PRESENT).logits, ref)
 
 

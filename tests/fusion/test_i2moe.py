@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from clinical_moe.fusion.backbone import GroupedLayerNorm, GroupedLinear
 from clinical_moe.fusion.i2moe import I2MoE, interaction_losses
+from clinical_moe.testing import noise_padded_tokens
 from clinical_moe.types import ModalityTokens
 
 MODS = ("a", "b", "c")
@@ -192,10 +193,7 @@ def test_absent_and_padded_content_invisible():
     head = _head().eval()
     toks = _tokens(PRESENT)
     ref = head(toks, PRESENT).logits
-    noisy = {}
-    for m, t in toks.items():
-        noise = torch.randn_like(t.tokens) * 5
-        noisy[m] = ModalityTokens(torch.where(t.mask.unsqueeze(-1), t.tokens, noise), t.mask)
+    noisy = noise_padded_tokens(toks)
     torch.testing.assert_close(head(noisy, PRESENT).logits, ref, atol=1e-5, rtol=0)
 
 
