@@ -59,20 +59,22 @@ def _unexpected(modality: str, path: str, stay_id: int, err: Exception) -> Runti
 
 
 def _read_images(items, image_size, skips, stay_id):
-    from clinical_moe.data.cxr import cxr_transform, read_cxr
+    from clinical_moe.data.cxr import cxr_transform, read_cxr, without_meta_tracking
 
     tf = cxr_transform(image_size)
     arrays, times = [], []
-    for path, hours in items:
-        try:
-            img = tf(read_cxr(path))[0]  # (H, W) in [0, 1]
-        except LoaderError as err:
-            skips.append({"modality": "cxr", "stay_id": stay_id, "path": err.path, "reason": err.reason})
-            continue
-        except Exception as err:  # a reader bug or an unforeseen format: stop, naming the file
-            raise _unexpected("cxr", path, stay_id, err) from err
-        arrays.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
-        times.append(hours)
+    with without_meta_tracking():
+        for path, hours in items:
+            try:
+                img = tf(read_cxr(path))[0]  # (H, W) in [0, 1]
+            except LoaderError as err:
+                skips.append({"modality": "cxr", "stay_id": stay_id, "path": err.path,
+                              "reason": err.reason})
+                continue
+            except Exception as err:  # a reader bug or an unforeseen format: stop, naming the file
+                raise _unexpected("cxr", path, stay_id, err) from err
+            arrays.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+            times.append(hours)
     return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
 
 

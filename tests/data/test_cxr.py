@@ -159,6 +159,56 @@ def test_lookup_table_route_equals_direct_pydicom(tmp_path, attrs):
     np.testing.assert_allclose(apply_display_luts(stored, ds, as_table=True), direct, rtol=1e-6)
 
 
+def _reference_display(ds):
+    """Display LUTs over every pixel, MONOCHROME1 negation, min/max stretch: the long way."""
+    image = apply_display_luts(ds.pixel_array, ds, as_table=False)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        image = -image
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def _zigzag_voi_lut():
+    item = Dataset()  # not monotonic: the folded-table shortcut must fall back to a scan
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", [int(v) for v in np.abs((np.arange(4096) % 512) - 256) * 100])
+    return item
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"WindowCenter": 2048, "WindowWidth": 1024},
+        {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 3000, "WindowWidth": 2000},
+        {"WindowCenter": 1500, "WindowWidth": 3000, "VOILUTFunction": "SIGMOID"},
+        {"PixelRepresentation": 1, "WindowCenter": -100, "WindowWidth": 900},
+        {"zigzag": True},
+        {},
+    ],
+    ids=["window", "rescale", "sigmoid", "signed", "zigzag-voi-lut", "none"],
+)
+def test_folded_table_equals_reference(tmp_path, attrs, photometric):
+    # read_cxr folds inversion and stretch into the LUT table; the numbers must not change.
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(200, 3900, (40, 56)).astype(np.int32)  # min 0 and max 4095 are absent
+    if attrs.get("PixelRepresentation"):
+        pixels -= 2048
+    attrs = dict(attrs)
+    if attrs.pop("zigzag", False):
+        attrs["VOILUTSequence"] = [_zigzag_voi_lut()]
+    path = write_dx(tmp_path / "x.dcm", pixels, photometric, **attrs)
+    expected = _reference_display(pydicom.dcmread(path))
+    np.testing.assert_allclose(read_cxr(path), expected, atol=2e-6)
+
+
+def test_non_finite_display_values_are_an_error(tmp_path):
+    # An infinite slope: stored 0 becomes NaN and every other value infinity.
+    path = write_dx(tmp_path / "nan.dcm", RAMP, RescaleSlope="1e400", RescaleIntercept=0)
+    with pytest.warns(RuntimeWarning), pytest.raises(LoaderError) as excinfo:
+        read_cxr(path)
+    assert_loader_error(excinfo, path, "corrupt")
+
+
 def test_constant_image_gives_zeros(tmp_path):
     image = read_cxr(write_dx(tmp_path / "c.dcm", np.full((8, 8), 700), "MONOCHROME1"))
     assert not np.isnan(image).any() and (image == 0).all()
@@ -260,6 +310,20 @@ def test_loader_error_pickles():
 
 
 # ----------------------------------------------------------------------------- transform
+
+
+def test_transform_without_meta_tracking_is_the_same():
+    from monai.data import get_track_meta
+
+    from clinical_moe.data.cxr import without_meta_tracking
+
+    image = np.random.default_rng(1).random((90, 70), dtype=np.float32)
+    tf = cxr_transform(16)
+    with without_meta_tracking():
+        assert get_track_meta() is False
+        fast = tf(image)
+    assert get_track_meta() is True
+    np.testing.assert_array_equal(fast, tf(image))
 
 
 def test_transform_shapes_and_range():
