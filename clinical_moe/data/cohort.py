@@ -15,8 +15,9 @@ Root cohort, rules applied in this order (each rule's exclusion count goes to
 Task rules: ``ihm48`` / ``los3`` / ``los7`` predict at ``prediction_hours`` (48 h) after intime, so
 they need LOS >= 48 h (``los_under_48h``) and at least one mapped EHR event in the first 48 h
 (``no_observation_48h``; both names follow ``prediction_hours``). That check needs the events:
-pass ``observed_stay_ids`` (e.g. the stays with events from
-:func:`clinical_moe.data.ehr.load_ehr_events`), or let it scan chartevents / labevents in chunks
+pass ``observed_stay_ids`` (e.g. :attr:`~clinical_moe.data.ehr.EhrEvents.window_stays` of
+:func:`clinical_moe.data.ehr.load_ehr_events`, or build with ``check_observations=False`` and
+apply :func:`exclude_unobserved` afterwards, as preprocessing does), or let it scan chartevents / labevents in chunks
 (:func:`clinical_moe.data.ehr.observed_stays`; ids, itemid and charttime only: one extra pass over
 the event tables), or switch it off with ``check_observations=False``. ``phenotype`` needs
 ``hosp/diagnoses_icd`` and drops admissions without any code (``no_diagnoses``); ``readmit30``
@@ -115,6 +116,30 @@ def load_phenotypes(path: str | Path | None = None) -> dict[str, dict[str, list[
             for v in ("icd9", "icd10")
         }
     return out
+
+
+#: Tasks that predict at ``prediction_hours`` and so need an observation before it.
+OBSERVATION_TASKS = ("ihm48", "los3", "los7")
+
+
+def exclude_unobserved(
+    cohort: pd.DataFrame, observed_stay_ids: Iterable[int], prediction_hours: float = 48.0
+) -> pd.DataFrame:
+    """Apply the ``no_observation_<h>h`` rule to a cohort built with ``check_observations=False``.
+
+    The same stays go as with the rule inside :func:`build_cohort` (splits are per subject hash,
+    so the others keep theirs); the count is added to ``attrs["exclusions"]``.
+    """
+    ex = dict(cohort.attrs.get("exclusions", {}))
+    observed = pd.array(sorted(int(s) for s in observed_stay_ids), dtype="Int64")
+    out = _exclude(cohort, ~cohort["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex)
+    out = out.reset_index(drop=True)
+    out.attrs = {**cohort.attrs, "exclusions": ex}
+    return out
+
+
+def _unobserved_rule(prediction_hours: float) -> str:
+    return f"no_observation_{prediction_hours:g}h"
 
 
 def _exclude(df: pd.DataFrame, bad, rule: str, exclusions: dict[str, int]) -> pd.DataFrame:
@@ -251,7 +276,7 @@ def build_cohort(
     df["los_hours"] = (df["outtime"] - df["intime"]).dt.total_seconds() / 3600.0
     df["mortality"] = _mortality(df)
     labels = ["mortality"]
-    if task in ("ihm48", "los3", "los7"):
+    if task in OBSERVATION_TASKS:
         df = _exclude(df, df["los_hours"] < prediction_hours, f"los_under_{hours}h", ex)
         if check_observations:
             if observed_stay_ids is None:
@@ -271,7 +296,7 @@ def build_cohort(
                         root, df, prediction_hours, variables, chunksize=chunksize
                     )
             observed = pd.array(sorted(int(s) for s in observed_stay_ids), dtype="Int64")
-            df = _exclude(df, ~df["stay_id"].isin(observed), f"no_observation_{hours}h", ex)
+            df = _exclude(df, ~df["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex)
         if task != "ihm48":
             days = 3 if task == "los3" else 7
             df[task] = (df["los_hours"] > 24.0 * days).astype("int64")

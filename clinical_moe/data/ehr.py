@@ -63,18 +63,22 @@ class EhrEvents:
     Attributes:
         events: One row per (stay, time, variable) with columns ``stay_id`` (int64), ``hours``
             (float64, hours since ICU intime), ``var_idx`` (int64, column in ``variables``),
-            ``variable`` (str) and ``value`` (float64, in ``to_unit``). Repeated measurements of a
+            ``variable`` (categorical over ``variables``) and ``value`` (float64, in ``to_unit``). Repeated measurements of a
             variable at the same time are averaged. Sorted by stay_id, hours, var_idx.
         variables: Variable names; ``var_idx`` indexes this tuple.
         dropped: Per variable, counts of dropped values by reason (``unparseable``,
             ``out_of_range``), for the preprocessing summary.
         missing_sources: Event tables that were absent (e.g. ``("chartevents",)``).
+        window_stays: Stays with at least one row of a mapped itemid in the window, before
+            values are parsed or range-checked: what :func:`observed_stays` returns, so that
+            cohort building need not stream the event tables a second time.
     """
 
     events: pd.DataFrame
     variables: tuple[str, ...]
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     missing_sources: tuple[str, ...] = ()
+    window_stays: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -167,9 +171,10 @@ def load_ehr_events(
     """
     var_map = variables if isinstance(variables, pd.DataFrame) else load_variables(variables)
     names = variable_names(var_map)
+    index_of = {n: i for i, n in enumerate(names)}
     measured = var_map[var_map["source"] != "derived"]
     dropped = {v: {"unparseable": 0, "out_of_range": 0} for v in variable_names(measured)}
-    missing, parts = [], []
+    missing, parts, seen = [], [], set()
     for source in SOURCES:
         items = measured.loc[measured["source"] == source, "itemid"]
         if items.empty:
@@ -195,21 +200,21 @@ def load_ehr_events(
             window_hours,
             chunksize,
         ):
-            parts.append(clean_events(chunk[cols], measured, dropped))
-    columns = ["stay_id", "hours", "variable", "kind", "value"]
-    events = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-    events = events.astype({"stay_id": "int64", "hours": "float64", "value": "float64"})
-    events = events.groupby(["stay_id", "hours", "variable", "kind"], as_index=False, sort=False)[
+            seen.update(chunk["stay_id"].unique().tolist())
+            parts.append(_numeric_events(clean_events(chunk[cols], measured, dropped), index_of))
+    # Numbers only from here on (32 bytes a row): per-row strings made this table several
+    # times its size, and the copies below multiplied that (the 50k-patient memory peak).
+    events = pd.concat(parts, ignore_index=True) if parts else _numeric_events(None, index_of)
+    del parts
+    events = events.groupby(["stay_id", "hours", "var_idx"], as_index=False, sort=False)[
         "value"
     ].mean()
     derived = var_map[var_map["kind"] == "gcs_total"]
     if not derived.empty:
-        events = pd.concat(
-            [events, gcs_total(events, str(derived["variable"].iloc[0]))], ignore_index=True
-        )
-    events["var_idx"] = events["variable"].map({n: i for i, n in enumerate(names)}).astype("int64")
+        total = _gcs_total_of(events, names, var_map, str(derived["variable"].iloc[0]))
+        events = pd.concat([events, _numeric_events(total, index_of)], ignore_index=True)
     events = events.sort_values(["stay_id", "hours", "var_idx"], ignore_index=True)
-    events = events[["stay_id", "hours", "var_idx", "variable", "value"]]
+    events.insert(3, "variable", pd.Categorical.from_codes(events["var_idx"], categories=names))
     for var, counts in dropped.items():
         if any(counts.values()):
             logger.info(
@@ -218,7 +223,41 @@ def load_ehr_events(
                 counts["unparseable"],
                 counts["out_of_range"],
             )
-    return EhrEvents(events, tuple(names), dropped, tuple(missing))
+    window = frozenset(int(x) for x in seen)
+    return EhrEvents(events, tuple(names), dropped, tuple(missing), window)
+
+
+def _numeric_events(part: pd.DataFrame | None, index_of: dict[str, int]) -> pd.DataFrame:
+    """``stay_id, hours, var_idx, value`` of cleaned events, variable names turned into indices."""
+    if part is None or part.empty:
+        return pd.DataFrame(
+            {
+                "stay_id": np.empty(0, np.int64),
+                "hours": np.empty(0, np.float64),
+                "var_idx": np.empty(0, np.int64),
+                "value": np.empty(0, np.float64),
+            }
+        )
+    return pd.DataFrame(
+        {
+            "stay_id": part["stay_id"].to_numpy(dtype="int64"),
+            "hours": part["hours"].to_numpy(dtype="float64"),
+            "var_idx": part["variable"].map(index_of).to_numpy(dtype="int64"),
+            "value": part["value"].to_numpy(dtype="float64"),
+        }
+    )
+
+
+def _gcs_total_of(
+    events: pd.DataFrame, names: Sequence[str], var_map: pd.DataFrame, total_name: str
+) -> pd.DataFrame:
+    """:func:`gcs_total` over the GCS component rows of numeric ``events`` only."""
+    kind_of = dict(zip(var_map["variable"], var_map["kind"]))
+    kinds = np.array([kind_of.get(n, "") for n in names], dtype=object)  # one str per variable
+    parts_idx = [i for i, k in enumerate(kinds) if str(k).startswith("gcs_") and k != "gcs_total"]
+    rows = events[events["var_idx"].isin(parts_idx)]
+    rows = rows.assign(kind=kinds[rows["var_idx"].to_numpy()])
+    return gcs_total(rows, total_name)
 
 
 def observed_stays(

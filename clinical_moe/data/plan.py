@@ -78,16 +78,33 @@ def _release(root: Path, modality: str) -> Path | None:
 
 def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     """Build the cohort and collect each stay's EHR arrays, files and note tokens."""
-    from clinical_moe.data.cohort import build_cohort
+    from clinical_moe.data.cohort import OBSERVATION_TASKS, build_cohort, exclude_unobserved
     from clinical_moe.data.ehr import load_ehr_events, static_features, time_series
+    from clinical_moe.data.ehr_variables import SOURCES
 
     d = cfg.data
     root = Path(d.root)
     mimic_iv = root / RELEASES["ehr"]
     if not mimic_iv.is_dir():
         raise FileNotFoundError(f"MIMIC-IV root not found: {mimic_iv} (data.root = {root})")
+    modalities = set(d.modalities)
+    # With EHR in the run, its one pass over the event tables also decides the cohort's
+    # "observation in the window" rule, instead of build_cohort scanning them a second time.
+    one_pass = "ehr" in modalities and d.task in OBSERVATION_TASKS
     cohort = build_cohort(mimic_iv, task=d.task, seed=cfg.seed, split_fractions=d.split_fractions,
-                          prediction_hours=d.window_hours, variables=d.variables_file)
+                          prediction_hours=d.window_hours, variables=d.variables_file,
+                          check_observations=not one_pass)
+    events = None
+    if "ehr" in modalities:
+        events = load_ehr_events(mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours)
+    if one_pass:
+        if len(events.missing_sources) == len(SOURCES):
+            msg = (f"neither icu/chartevents nor hosp/labevents found under {mimic_iv}: the "
+                   "'at least one observation' rule was not applied")
+            warnings.warn(msg, stacklevel=2)
+            logger.warning(msg)
+        else:
+            cohort = exclude_unobserved(cohort, events.window_stays, d.window_hours)
     cohort = cohort.sort_values("stay_id", kind="stable").reset_index(drop=True)
     label_columns = list(cohort.attrs.get("label_columns", ["label"]))
     plan = StayPlan(cohort, label_columns)
@@ -99,13 +116,11 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         "cohort_exclusions": dict(cohort.attrs.get("exclusions", {})),
         "label_prevalence": {c: float(cohort[c].mean()) for c in label_columns},
     }
-    modalities = set(d.modalities)
 
     # EHR time series + static features
     static = static_features(cohort)
     plan.num_static = static.shape[1]
-    if "ehr" in modalities:
-        events = load_ehr_events(mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours)
+    if events is not None:
         series = time_series(events, cohort["stay_id"].astype(int))
         plan.num_variables = len(events.variables)
         static_arr = np.nan_to_num(static.to_numpy(np.float32))

@@ -179,6 +179,25 @@ def test_header_only_table_is_a_clear_error(tmp_path):
     assert "patients.csv.gz" in str(err.value)
 
 
+def test_one_pass_route_equals_the_scan(root):
+    # Preprocessing builds without the rule, loads the events once, then applies the rule from
+    # their window_stays: same stays, same columns, same exclusion counts as the scan.
+    import pandas as pd
+
+    from clinical_moe.data.cohort import exclude_unobserved
+    from clinical_moe.data.ehr import load_ehr_events, observed_stays
+
+    scanned = build_cohort(root, "ihm48")
+    candidate = build_cohort(root, "ihm48", check_observations=False)
+    events = load_ehr_events(root, candidate, window_hours=48.0)
+    assert events.window_stays == observed_stays(root, candidate, 48.0)
+    assert 30008 in set(candidate["stay_id"]) and 30008 not in events.window_stays
+    one_pass = exclude_unobserved(candidate, events.window_stays, 48.0)
+    pd.testing.assert_frame_equal(one_pass, scanned)
+    assert one_pass.attrs["exclusions"] == scanned.attrs["exclusions"]
+    assert one_pass.attrs["label_columns"] == ["mortality"]
+
+
 def test_without_event_tables_the_observation_rule_is_skipped(tmp_path):
     root = MimicFactory.default().write(tmp_path, omit=("icu/chartevents", "hosp/labevents"))
     with pytest.warns(UserWarning, match="observation"):
@@ -189,3 +208,22 @@ def test_without_event_tables_the_observation_rule_is_skipped(tmp_path):
 def test_unknown_task(root):
     with pytest.raises(ValueError, match="ihm48"):
         build_cohort(root, "mortality24")
+
+
+@pytest.mark.parametrize("modalities", [["ehr"], ["cxr"]], ids=["one-pass", "scan"])
+def test_preprocessing_plan_applies_the_observation_rule(tmp_path, modalities):
+    # With EHR the plan takes the rule from its own event pass; without, build_cohort scans.
+    import warnings
+    from pathlib import Path
+
+    from clinical_moe.config import load_config
+    from clinical_moe.data.plan import plan_stays
+
+    MimicFactory.default().write(tmp_path / "mimic-iv")
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "late.yaml"
+    cfg = load_config(config, [f"data.root={tmp_path}", f"data.modalities={modalities}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no mimic-cxr/ here: every stay lacks the modality
+        plan = plan_stays(cfg, quiet=True)
+    assert set(plan.stays["stay_id"]) == {30001, 30002, 30009, 30010, 30011}
+    assert plan.summary["cohort_exclusions"]["no_observation_48h"] == 1
