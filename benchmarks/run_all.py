@@ -40,6 +40,8 @@ def argv_for(name: str, quick: bool, work: Path, max_minutes: float) -> list[str
                 "50",
                 "--decode-reps",
                 "2",
+                "--decode-j2k-files",
+                "2",
                 "--scaling-reps",
                 "1",
                 "--work",
@@ -102,7 +104,7 @@ def summarize(name: str, r: dict) -> dict:
         ]
         out["decode_ratios"] = {
             m: {k: v for k, v in (r["decode"][m] or {}).items() if k.startswith("ratio")}
-            for m in ("cxr", "ecg")
+            for m in ("cxr", "cxr_j2k_full_size", "ecg")
         }
         out["targets"] = r["targets"]
     else:

@@ -87,6 +87,11 @@ def pipeline_report(work):
         "4",
         "--decode-reps",
         "1",
+        "--decode-j2k-files",
+        "2",
+        "--decode-j2k-shape",
+        "96",
+        "80",
         "--work",
         str(work),
         "--out",
@@ -163,8 +168,12 @@ def test_bench_pipeline(pipeline_report, work):
         assert positive(cxr[k]), k
     for k in ("bare_wfdb_files_per_s", "read_ecg_files_per_s", "ratio_read_ecg"):
         assert positive(ecg[k]), k
+    j2k = pipeline_report["decode"]["cxr_j2k_full_size"]
+    assert "error" not in j2k and j2k["files"] == 2 and j2k["shape"] == [96, 80]
+    assert positive(j2k["ratio_read_cxr_transform"]) and positive(j2k["bare_pydicom_files_per_s"])
     targets = pipeline_report["targets"]
     assert isinstance(targets["decode"]["dicom_met"], bool)
+    assert isinstance(targets["decode"]["dicom_j2k_full_size_met"], bool)
     assert targets["rss_50k"]["met"] is None  # one size: nothing to extrapolate from
 
 
@@ -195,3 +204,46 @@ def test_run_all_summary(moe_report, pipeline_report, train_report):
     train = run_all.summarize("train", train_report)
     assert positive(train["results"][0]["train_samples_per_s"])
     json.dumps([moe, pipe, train])
+
+
+def test_bench_quality_two_heads_two_seeds(tmp_path):
+    from benchmarks import bench_quality
+
+    argv = ["--n-patients", "120", "--seeds", "0", "1", "--heads", "late", "concat"]
+    argv += ["--config-dir", "configs/tiny", "--bootstrap", "10", "--image-size", "32", "48"]
+    argv += ["--work", str(tmp_path), "--out", str(tmp_path / "quality.json"), "train.epochs=1"]
+    report = bench_quality.main(argv)
+    check_environment(report)
+    check_written(report, tmp_path / "quality.json")
+    assert set(report["heads"]) == {"late", "concat"}
+    for head in report["heads"].values():
+        for k in ("auroc_natural", "auroc_of_oracle_natural", "time_to_best_s", "train_wall_s"):
+            assert positive(head[k]), k
+        assert head["auroc_natural_sd"] is not None  # two seeds
+        lo, hi = head["auroc_natural_ci_first_seed"]
+        assert 0 <= lo <= hi <= 1
+    assert 0.5 < report["oracle_auroc_mean"] < 1
+    table = bench_quality.pd.read_csv(report["table"])
+    assert len(table) == 2 * 2 * 2  # seeds x heads x (natural, MCAR)
+    # Each seed's table is kept; --reuse takes them instead of training again.
+    again = bench_quality.main([*argv, "--reuse"])
+    assert again["heads"] == report["heads"] and again["seconds"] < report["seconds"]
+
+
+def test_bench_quality_targets():
+    from benchmarks.bench_quality import pd, summarise
+
+    rows = []
+    for seed in (0, 1):
+        for head, nat, mis in (("late", 0.80, 0.70), ("fusemoe", 0.86, 0.82), ("concat", 0.7, 0.4)):
+            for rate, auc in ((0.0, nat), (0.5, mis)):
+                rows.append({"seed": seed, "head": head, "rate": rate, "value_auroc": auc,
+                             "ci_low_auroc": auc - 0.05, "ci_high_auroc": auc + 0.05,
+                             "value_auprc": 0.5, "auroc_of_oracle": auc / 0.9,
+                             "oracle_auroc": 0.9, "time_to_best_s": 3.0, "train_wall_s": 4.0})
+    out = summarise(pd.DataFrame(rows), 0.5)
+    t = out["targets"]
+    assert t["best_head"] == "fusemoe" and t["best_head_drop_lt_late_drop"] is True
+    assert abs(t["best_head_auroc_of_oracle"] - 0.86 / 0.9) < 1e-9
+    assert t["best_head_ge_0.95_oracle"] is True and t["heads_with_drop_lt_late_drop"] == ["fusemoe"]
+    assert abs(out["heads"]["concat"]["auroc_drop_mcar0.5"] - 0.3) < 1e-9
