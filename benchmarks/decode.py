@@ -33,7 +33,7 @@ def _compare(methods: dict[str, Callable[[Path], object]], files: list[Path], re
     times = time_interleaved([over_all(fn) for fn in methods.values()], warmup=1, reps=reps)
     rates = {name: len(files) / median(ts) for name, ts in zip(methods, times)}
     out = {"files": len(files), "reps": reps}
-    out.update({f"{name}_files_per_s": round(r, 1) for name, r in rates.items()})
+    out.update({f"{name}_files_per_s": float(f"{r:.4g}") for name, r in rates.items()})
     return out, rates
 
 

@@ -139,17 +139,18 @@ def test_voi_lut_sequence(tmp_path):
     np.testing.assert_allclose(read_cxr(path), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "attrs",
-    [
-        {"WindowCenter": 2048, "WindowWidth": 1024},
-        {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 3000, "WindowWidth": 2000},
-        {"WindowCenter": 100, "WindowWidth": 300, "VOILUTFunction": "SIGMOID"},
-        {"PixelRepresentation": 1, "WindowCenter": -100, "WindowWidth": 900},
-        {},
-    ],
-    ids=["window", "rescale", "sigmoid", "signed", "none"],
-)
+# Display attribute sets: LUT routes must agree on each.
+DISPLAY_CASES = {
+    "window": {"WindowCenter": 2048, "WindowWidth": 1024},
+    "rescale": {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 3000,
+                "WindowWidth": 2000},
+    "sigmoid": {"WindowCenter": 1500, "WindowWidth": 3000, "VOILUTFunction": "SIGMOID"},
+    "signed": {"PixelRepresentation": 1, "WindowCenter": -100, "WindowWidth": 900},
+    "none": {},
+}
+
+
+@pytest.mark.parametrize("attrs", DISPLAY_CASES.values(), ids=DISPLAY_CASES.keys())
 def test_lookup_table_route_equals_direct_pydicom(tmp_path, attrs):
     pixels = RAMP.astype(np.int32) - (2048 if attrs.get("PixelRepresentation") else 0)
     ds = pydicom.dcmread(write_dx(tmp_path / "x.dcm", pixels, **attrs))
@@ -177,15 +178,8 @@ def _zigzag_voi_lut():
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 @pytest.mark.parametrize(
     "attrs",
-    [
-        {"WindowCenter": 2048, "WindowWidth": 1024},
-        {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 3000, "WindowWidth": 2000},
-        {"WindowCenter": 1500, "WindowWidth": 3000, "VOILUTFunction": "SIGMOID"},
-        {"PixelRepresentation": 1, "WindowCenter": -100, "WindowWidth": 900},
-        {"zigzag": True},
-        {},
-    ],
-    ids=["window", "rescale", "sigmoid", "signed", "zigzag-voi-lut", "none"],
+    [*DISPLAY_CASES.values(), {"zigzag": True}],
+    ids=[*DISPLAY_CASES.keys(), "zigzag-voi-lut"],
 )
 def test_folded_table_equals_reference(tmp_path, attrs, photometric):
     # read_cxr folds inversion and stretch into the LUT table; the numbers must not change.
