@@ -310,10 +310,18 @@ def to_arrays(
         idx = stay_events["variable"].map(lookup).to_numpy(dtype="int64")
     if idx.size and (idx.min() < 0 or idx.max() >= n_vars):
         raise ValueError(f"var_idx out of range for {n_vars} variables")
-    times, row = np.unique(stay_events["hours"].to_numpy(dtype="float64"), return_inverse=True)
+    hours = stay_events["hours"].to_numpy(dtype="float64")
+    return _dense(hours, idx, stay_events["value"].to_numpy(dtype="float32"), n_vars)
+
+
+def _dense(
+    hours: np.ndarray, idx: np.ndarray, value: np.ndarray, n_vars: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Long events -> ``times (L,)``, ``values (L, V)``, ``obs_mask (L, V)``, L = distinct hours."""
+    times, row = np.unique(hours, return_inverse=True)
     values = np.zeros((times.size, n_vars), dtype=np.float32)
     mask = np.zeros((times.size, n_vars), dtype=bool)
-    values[row, idx] = stay_events["value"].to_numpy(dtype="float32")
+    values[row, idx] = value
     mask[row, idx] = True
     return times.astype(np.float32), values, mask
 
@@ -325,13 +333,21 @@ def time_series(ehr: EhrEvents, stay_ids: Iterable[int] | None = None) -> dict[i
         ehr: Output of :func:`load_ehr_events`.
         stay_ids: Stays to include (those without events get L = 0); default the stays with events.
     """
-    ev = ehr.events
-    starts = np.flatnonzero(np.r_[True, np.diff(ev["stay_id"].to_numpy()) != 0]) if len(ev) else []
+    ev, n_vars = ehr.events, len(ehr.variables)
+    # Columns as arrays once, then one slice per stay (rows are sorted by stay_id).
+    sids = ev["stay_id"].to_numpy(dtype="int64")
+    hours = ev["hours"].to_numpy(dtype="float64")
+    idx = ev["var_idx"].to_numpy(dtype="int64")
+    value = ev["value"].to_numpy(dtype="float32")
+    if idx.size and (idx.min() < 0 or idx.max() >= n_vars):
+        raise ValueError(f"var_idx out of range for {n_vars} variables")
+    starts = np.flatnonzero(np.r_[True, np.diff(sids) != 0]) if len(ev) else []
     bounds = list(zip(starts, [*list(starts)[1:], len(ev)]))
     out = {}
     for a, b in bounds:
-        sid = int(ev["stay_id"].iat[a])
-        out[sid] = EhrTimeSeries(sid, *to_arrays(ev.iloc[a:b], ehr.variables), ehr.variables)
+        sid = int(sids[a])
+        arrays = _dense(hours[a:b], idx[a:b], value[a:b], n_vars)
+        out[sid] = EhrTimeSeries(sid, *arrays, ehr.variables)
     if stay_ids is None:
         return out
     empty = to_arrays(ev.iloc[:0], ehr.variables)
