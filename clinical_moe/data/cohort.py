@@ -16,8 +16,9 @@ Task rules: ``ihm48`` / ``los3`` / ``los7`` predict at ``prediction_hours`` (48 
 they need LOS >= 48 h (``los_under_48h``) and at least one mapped EHR event in the first 48 h
 (``no_observation_48h``; both names follow ``prediction_hours``). That check needs the events:
 pass ``observed_stay_ids`` (e.g. :attr:`~clinical_moe.data.ehr.EhrEvents.window_stays` of
-:func:`clinical_moe.data.ehr.load_ehr_events`, or build with ``check_observations=False`` and
-apply :func:`exclude_unobserved` afterwards, as preprocessing does), or let it scan chartevents / labevents in chunks
+:func:`clinical_moe.data.ehr.load_ehr_events`), or build with ``check_observations=False`` and
+apply :func:`exclude_unobserved` afterwards (preprocessing does this: one pass over the event
+tables for both), or let it scan chartevents / labevents in chunks
 (:func:`clinical_moe.data.ehr.observed_stays`; ids, itemid and charttime only: one extra pass over
 the event tables), or switch it off with ``check_observations=False``. ``phenotype`` needs
 ``hosp/diagnoses_icd`` and drops admissions without any code (``no_diagnoses``); ``readmit30``

@@ -178,7 +178,7 @@ def display_image(pixels: np.ndarray, ds, invert: bool = False, path=None) -> np
         return _to_unit_range(image, path)
     if invert:
         np.negative(table, out=table)
-    index = pixels if lo == 0 else pixels.astype(np.int64) - lo
+    index = _table_index(pixels, lo)
     present = table[int(pixels.min()) - lo :]  # stored values from the smallest to the largest
     step = np.diff(present)  # NaN anywhere fails both tests below
     if not (np.isfinite(present[[0, -1]]).all() and ((step >= 0).all() or (step <= 0).all())):
@@ -209,7 +209,12 @@ def apply_display_luts(pixels: np.ndarray, ds, as_table: bool | None = None) -> 
     table, lo = _display_table(pixels, ds, as_table)
     if table is None:
         return np.asarray(_pydicom_luts(pixels, ds), dtype=np.float32)
-    return table.take(pixels if lo == 0 else pixels.astype(np.int64) - lo)
+    return table.take(_table_index(pixels, lo))
+
+
+def _table_index(pixels: np.ndarray, lo: int) -> np.ndarray:
+    # Unsigned values index the table directly (numpy takes uint16 indices without a copy).
+    return pixels if lo == 0 else pixels.astype(np.int64) - lo
 
 
 def _pydicom_luts(values: np.ndarray, ds) -> np.ndarray:
@@ -227,7 +232,6 @@ def _display_table(pixels: np.ndarray, ds, as_table: bool | None = None):
     False / None with a range wider than the image)."""
     if pixels.dtype.kind not in "iu" or pixels.size == 0 or as_table is False:
         return None, 0
-    # Unsigned values index the table directly (numpy takes uint16 indices without a copy).
     lo = 0 if pixels.dtype.kind == "u" else int(pixels.min())
     hi = int(pixels.max())
     span = hi - lo + 1

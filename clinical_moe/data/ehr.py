@@ -63,8 +63,9 @@ class EhrEvents:
     Attributes:
         events: One row per (stay, time, variable) with columns ``stay_id`` (int64), ``hours``
             (float64, hours since ICU intime), ``var_idx`` (int64, column in ``variables``),
-            ``variable`` (categorical over ``variables``) and ``value`` (float64, in ``to_unit``). Repeated measurements of a
-            variable at the same time are averaged. Sorted by stay_id, hours, var_idx.
+            ``variable`` (categorical over ``variables``) and ``value`` (float64, in ``to_unit``).
+            Repeated measurements of a variable at the same time are averaged. Sorted by stay_id,
+            hours, var_idx.
         variables: Variable names; ``var_idx`` indexes this tuple.
         dropped: Per variable, counts of dropped values by reason (``unparseable``,
             ``out_of_range``), for the preprocessing summary.
@@ -229,15 +230,8 @@ def load_ehr_events(
 
 def _numeric_events(part: pd.DataFrame | None, index_of: dict[str, int]) -> pd.DataFrame:
     """``stay_id, hours, var_idx, value`` of cleaned events, variable names turned into indices."""
-    if part is None or part.empty:
-        return pd.DataFrame(
-            {
-                "stay_id": np.empty(0, np.int64),
-                "hours": np.empty(0, np.float64),
-                "var_idx": np.empty(0, np.int64),
-                "value": np.empty(0, np.float64),
-            }
-        )
+    if part is None or part.empty:  # (gcs_total gives an empty frame of other columns)
+        part = pd.DataFrame({"stay_id": [], "hours": [], "variable": [], "value": []})
     return pd.DataFrame(
         {
             "stay_id": part["stay_id"].to_numpy(dtype="int64"),
@@ -254,7 +248,7 @@ def _gcs_total_of(
     """:func:`gcs_total` over the GCS component rows of numeric ``events`` only."""
     kind_of = dict(zip(var_map["variable"], var_map["kind"]))
     kinds = np.array([kind_of.get(n, "") for n in names], dtype=object)  # one str per variable
-    parts_idx = [i for i, k in enumerate(kinds) if str(k).startswith("gcs_") and k != "gcs_total"]
+    parts_idx = [i for i, k in enumerate(kinds) if k.startswith("gcs_")]  # gcs_total is derived
     rows = events[events["var_idx"].isin(parts_idx)]
     rows = rows.assign(kind=kinds[rows["var_idx"].to_numpy()])
     return gcs_total(rows, total_name)
