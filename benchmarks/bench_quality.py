@@ -242,7 +242,8 @@ def summarise(table: pd.DataFrame, mcar: float) -> dict:
     }
 
 
-def main(argv=None) -> dict:
+def main(argv=None, quiet: bool = False) -> dict:
+    """Run the benchmark; print (unless ``quiet``) and return the JSON report."""
     args = parse_args(argv)
     set_threads(args.threads)
     from clinical_moe import list_models
@@ -261,7 +262,7 @@ def main(argv=None) -> dict:
     report.update(summarise(table, args.mcar))
     report["seconds"] = time.perf_counter() - t0
     report["table"] = str(work / f"quality-n{args.n_patients}.csv")
-    return finish(report, args.out)
+    return finish(report, args.out, quiet)
 
 
 if __name__ == "__main__":

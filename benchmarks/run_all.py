@@ -1,7 +1,8 @@
 """Run every benchmark and print one JSON summary (``make bench``).
 
 ``--quick`` is a smoke run of a few minutes: a reduced MoE grid, one 200-patient corpus with small
-images, tiny configs with a few steps and one short DDP comparison. Without it the benchmarks run
+images, tiny configs with a few steps, one short DDP comparison, and every head (tiny configs) on
+300 patients against the oracle. Without it the benchmarks run
 at their default (realistic, slow: hours on two cores) scale; the pipeline skips a size whose
 estimated time exceeds ``--max-minutes``. Full reports go to ``--out-dir`` when given.
 
@@ -18,16 +19,23 @@ import sys
 import traceback
 from pathlib import Path
 
-from benchmarks import bench_moe, bench_pipeline, bench_train
+from benchmarks import bench_moe, bench_pipeline, bench_quality, bench_train
 from benchmarks.common import environment, finish
 
-BENCHES = {"moe": bench_moe, "pipeline": bench_pipeline, "train": bench_train}
+BENCHES = {
+    "moe": bench_moe,
+    "pipeline": bench_pipeline,
+    "train": bench_train,
+    "quality": bench_quality,
+}
 
 
 def argv_for(name: str, quick: bool, work: Path, max_minutes: float) -> list[str]:
     """Command-line arguments of one benchmark in quick or full mode."""
     if name == "moe":
         return ["--quick", "--reps", "3", "--warmup", "1"] if quick else []
+    if name == "quality":
+        return quality_argv(quick, work)
     if name == "pipeline":
         if quick:
             return [
@@ -69,6 +77,14 @@ def argv_for(name: str, quick: bool, work: Path, max_minutes: float) -> list[str
     return ["--work", str(work / "train")]
 
 
+def quality_argv(quick: bool, work: Path) -> list[str]:
+    """bench_quality: every head, tiny configs on 300 patients (quick) or the issue's setting."""
+    if quick:
+        return ["--n-patients", "300", "--seeds", "0", "--config-dir", "configs/tiny",
+                "--bootstrap", "50", "--image-size", "32", "48", "--work", str(work / "quick-quality")]
+    return ["--jobs", "2", "--work", str(work / "quality")]
+
+
 def summarize(name: str, r: dict) -> dict:
     """The headline figures of one report."""
     out: dict = {
@@ -105,6 +121,13 @@ def summarize(name: str, r: dict) -> dict:
         out["decode_ratios"] = {
             m: {k: v for k, v in (r["decode"][m] or {}).items() if k.startswith("ratio")}
             for m in ("cxr", "cxr_j2k_full_size", "ecg")
+        }
+        out["targets"] = r["targets"]
+    elif name == "quality":
+        out["oracle_auroc_mean"] = r["oracle_auroc_mean"]
+        out["heads"] = {
+            h: {k: v for k, v in x.items() if k.startswith(("auroc_of_oracle", "auroc_drop"))}
+            for h, x in r["heads"].items()
         }
         out["targets"] = r["targets"]
     else:

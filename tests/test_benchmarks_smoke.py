@@ -212,7 +212,7 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
     argv = ["--n-patients", "120", "--seeds", "0", "1", "--heads", "late", "concat"]
     argv += ["--config-dir", "configs/tiny", "--bootstrap", "10", "--image-size", "32", "48"]
     argv += ["--work", str(tmp_path), "--out", str(tmp_path / "quality.json"), "train.epochs=1"]
-    report = bench_quality.main(argv)
+    report = bench_quality.main(argv, quiet=True)
     check_environment(report)
     check_written(report, tmp_path / "quality.json")
     assert set(report["heads"]) == {"late", "concat"}
@@ -226,8 +226,11 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
     table = bench_quality.pd.read_csv(report["table"])
     assert len(table) == 2 * 2 * 2  # seeds x heads x (natural, MCAR)
     # Each seed's table is kept; --reuse takes them instead of training again.
-    again = bench_quality.main([*argv, "--reuse"])
+    again = bench_quality.main([*argv, "--reuse"], quiet=True)
     assert again["heads"] == report["heads"] and again["seconds"] < report["seconds"]
+    summary = run_all.summarize("quality", report)
+    assert set(summary["heads"]) == {"late", "concat"} and "best_head" in summary["targets"]
+    assert positive(summary["heads"]["late"]["auroc_of_oracle_natural"])
 
 
 def test_bench_quality_targets():
