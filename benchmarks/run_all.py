@@ -156,6 +156,27 @@ def summarize(name: str, r: dict) -> dict:
     return out
 
 
+def summarize_saved(specs: list[str], out: str | None) -> dict:
+    """The summary of reports written earlier (``NAME=FILE`` each), without running anything."""
+    summary: dict = {"benchmark": "all", "from_saved_reports": {}, "results": {}, "failed": False}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if name not in BENCHES or not path:
+            raise SystemExit(f"--from expects NAME=FILE with NAME in {list(BENCHES)}; got {spec!r}")
+        report = json.loads(Path(path).read_text())
+        summary["from_saved_reports"][name] = {
+            "file": path,
+            "git_commit": report.get("environment", {}).get("git_commit"),
+            "timestamp_utc": report.get("environment", {}).get("timestamp_utc"),
+        }
+        summary["results"][name] = summarize(name, report)
+    text = json.dumps(summary, indent=1, default=str)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the selected benchmarks; print and return the summary."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -170,7 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
         default=25.0,
         help="pipeline: skip sizes estimated to take longer (full mode)",
     )
+    p.add_argument(
+        "--from",
+        dest="reports",
+        nargs="+",
+        metavar="NAME=FILE",
+        default=None,
+        help="summarise these saved reports (e.g. moe=benchmarks/results/moe.json) instead of "
+        "running anything",
+    )
     args = p.parse_args(argv)
+    if args.reports:
+        return summarize_saved(args.reports, args.out)
     summary: dict = {
         "benchmark": "all",
         "quick": args.quick,

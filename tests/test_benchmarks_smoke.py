@@ -206,6 +206,19 @@ def test_run_all_summary(moe_report, pipeline_report, train_report):
     json.dumps([moe, pipe, train])
 
 
+def test_run_all_summarises_saved_reports(moe_report, pipeline_report, train_report, work):
+    specs = [f"{name}={work / f'{name}.json'}" for name in ("moe", "pipeline", "train")]
+    out = work / "summary.json"
+    summary = run_all.main(["--from", *specs, "--out", str(out)])
+    assert summary["results"]["moe"] == run_all.summarize("moe", moe_report)
+    assert summary["results"]["train"] == run_all.summarize("train", train_report)
+    assert json.loads(out.read_text())["from_saved_reports"]["pipeline"]["git_commit"] == (
+        pipeline_report["environment"]["git_commit"]
+    )
+    with pytest.raises(SystemExit, match="NAME=FILE"):
+        run_all.main(["--from", "nonsense"])
+
+
 def test_bench_quality_two_heads_two_seeds(tmp_path):
     from benchmarks import bench_quality
 
