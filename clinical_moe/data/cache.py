@@ -125,12 +125,25 @@ def _fingerprint(cfg: Config) -> str:
     return sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _complete(cache_dir: Path, summary_file: Path, fp: str) -> bool:
+    """A finished build with fingerprint ``fp`` whose every shard is still marked ``DONE``."""
+    manifest = cache_dir / "manifest.parquet"
+    if not (summary_file.exists() and manifest.exists()):
+        return False
+    if json.loads(summary_file.read_text()).get("fingerprint") != fp:
+        return False
+    shards = pd.read_parquet(manifest, columns=["shard"])["shard"].unique()
+    return all((shard_dir(cache_dir, int(k)) / "DONE").exists() for k in shards)
+
+
 def build_cache(cfg: Config, resume: bool = True, quiet: bool = False, shard_size: int = 256) -> Path:
     """Preprocess ``cfg.data.root`` into ``cfg.data.cache_dir`` (see :mod:`clinical_moe.data.store`).
 
     Args:
         cfg: The run config (``data`` section and ``seed``).
-        resume: Keep shards already marked ``DONE`` by an interrupted run with the same settings.
+        resume: Keep shards already marked ``DONE`` by an interrupted run with the same settings;
+            a cache that was finished with the same settings is returned as it is (no planning).
+            False redoes every shard.
         quiet: No progress bars.
         shard_size: Stays per shard (the unit of parallelism and of resume).
 
@@ -151,6 +164,11 @@ def build_cache(cfg: Config, resume: bool = True, quiet: bool = False, shard_siz
                 f"{cache_dir} holds a cache built with other data settings ({old} != {fp}); "
                 "delete it or choose another data.cache_dir"
             )
+    summary_file = cache_dir / "summary.json"  # written last: its fingerprint marks a whole cache
+    if resume and _complete(cache_dir, summary_file, fp):
+        logger.info("preprocess: %s is complete with these settings; nothing to do", cache_dir)
+        return cache_dir
+    summary_file.unlink(missing_ok=True)  # until this build ends, the cache is not complete
     write_json(fp_file, {"fingerprint": fp})
 
     plan = plan_stays(cfg, quiet=quiet)

@@ -127,6 +127,20 @@ def test_interrupted_build_resumes_only_missing_shards(corpus, clean_cache, tmp_
     assert _digest(cache) == _digest(clean_cache)
 
 
+def test_a_finished_cache_is_not_planned_again(corpus, clean_cache, tmp_path, monkeypatch):
+    import clinical_moe.data.plan as plan
+
+    cache = tmp_path / "cache"
+    shutil.copytree(clean_cache, cache)
+    calls = []
+    real = plan.plan_stays
+    monkeypatch.setattr(plan, "plan_stays", lambda *a, **k: calls.append(1) or real(*a, **k))
+    build_cache(_cfg(corpus, cache), resume=True, quiet=True, shard_size=16)
+    assert calls == [] and _digest(cache) == _digest(clean_cache)
+    build_cache(_cfg(corpus, cache), resume=False, quiet=True, shard_size=16)  # redo on request
+    assert calls == [1] and _digest(cache) == _digest(clean_cache)
+
+
 def test_resume_refuses_a_cache_built_with_other_settings(corpus, clean_cache, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(clean_cache, cache)
