@@ -178,8 +178,7 @@ def child_argv(args, seed: int) -> list[str]:
 def run_seeds(args, heads: list[str], work: Path) -> pd.DataFrame:
     """Every seed's table: reused, computed here (``--jobs 1``) or by parallel children."""
     todo = [
-        s for s in args.seeds
-        if not (args.reuse and seed_table(work, args.n_patients, s).is_file())
+        s for s in args.seeds if not (args.reuse and seed_table(work, args.n_patients, s).is_file())
     ]
     if args.jobs <= 1:
         for seed in todo:

@@ -83,9 +83,17 @@ def write_j2k_radiographs(out: Path, n: int, shape: tuple[int, int], seed: int =
     paths = []
     for k in range(n):
         density = render_chest(rng, *shape, "PA", plan_findings(rng, k % 2, 0.5))
-        meta = {"subject_id": 1, "study_id": k, "dicom_id": f"j2k{k}", "seed": seed, "view": "PA",
-                "date": "21800101", "time": "120000", "procedure": "CHEST (PA AND LAT)",
-                "orientation": "Erect"}
+        meta = {
+            "subject_id": 1,
+            "study_id": k,
+            "dicom_id": f"j2k{k}",
+            "seed": seed,
+            "view": "PA",
+            "date": "21800101",
+            "time": "120000",
+            "procedure": "CHEST (PA AND LAT)",
+            "orientation": "Erect",
+        }
         path = out / f"j2k{k}.dcm"
         write_dx(path, density, rng, meta)
         ds = pydicom.dcmread(path)

@@ -80,8 +80,21 @@ def argv_for(name: str, quick: bool, work: Path, max_minutes: float) -> list[str
 def quality_argv(quick: bool, work: Path) -> list[str]:
     """bench_quality: every head, tiny configs on 300 patients (quick) or the issue's setting."""
     if quick:
-        return ["--n-patients", "300", "--seeds", "0", "--config-dir", "configs/tiny",
-                "--bootstrap", "50", "--image-size", "32", "48", "--work", str(work / "quick-quality")]
+        return [
+            "--n-patients",
+            "300",
+            "--seeds",
+            "0",
+            "--config-dir",
+            "configs/tiny",
+            "--bootstrap",
+            "50",
+            "--image-size",
+            "32",
+            "48",
+            "--work",
+            str(work / "quick-quality"),
+        ]
     return ["--jobs", "2", "--work", str(work / "quality")]
 
 

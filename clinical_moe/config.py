@@ -52,8 +52,12 @@ class ModelConfig:
     name: str = "fusemoe"  # a name from clinical_moe.list_models()
     d_model: int = 32  # shared token width D
     num_tokens: int = 4  # tokens per modality T
-    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-modality encoder options
-    head: dict[str, Any] = field(default_factory=dict)  # head options (the head's constructor kwargs)
+    encoders: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # per-modality encoder options
+    head: dict[str, Any] = field(
+        default_factory=dict
+    )  # head options (the head's constructor kwargs)
 
 
 @dataclass
@@ -70,14 +74,20 @@ class TrainConfig:
     patience: int = 5  # early stopping on validation AUROC
     modality_dropout: float = 0.0  # train-time augmentation: drop each present modality w.p. p
     sampler: str = "random"  # random | by_modality_count (Flex-MoE warm-up ordering)
-    warmup_epochs: int = 0  # epochs ordered by number of observed modalities (sampler=by_modality_count)
+    warmup_epochs: int = (
+        0  # epochs ordered by number of observed modalities (sampler=by_modality_count)
+    )
     num_workers: int = 0  # DataLoader workers
     checkpoint_dir: str = "runs/checkpoints"
     max_steps_per_epoch: int | None = None  # cap for smoke runs
-    checkpoint_every: int = 50  # save last.pt every N optimizer steps (and at every epoch end); 0 = epoch ends only
+    checkpoint_every: int = (
+        50  # save last.pt every N optimizer steps (and at every epoch end); 0 = epoch ends only
+    )
     device: str | None = None  # cpu | cuda | None (cuda when available)
     deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True)
-    num_threads: int | None = None  # torch intra-op CPU threads; None = torch's default (1 helps on busy machines)
+    num_threads: int | None = (
+        None  # torch intra-op CPU threads; None = torch's default (1 helps on busy machines)
+    )
 
 
 @dataclass
@@ -86,22 +96,32 @@ class TrackingConfig:
 
     uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "clinical_moe"
-    run_name: str | None = None  # MLflow run name and checkpoint subdirectory; None -> <head>-<config hash>
-    log_model: bool = True  # log the trained model with mlflow.pytorch.log_model (slowish; off for smoke tests)
+    run_name: str | None = (
+        None  # MLflow run name and checkpoint subdirectory; None -> <head>-<config hash>
+    )
+    log_model: bool = (
+        True  # log the trained model with mlflow.pytorch.log_model (slowish; off for smoke tests)
+    )
 
 
 @dataclass
 class EvalConfig:
     """Evaluation under simulated missingness."""
 
-    mechanisms: list[str] = field(default_factory=lambda: ["mcar", "mar", "mnar"])  # mcar | mar | mnar (label) | mnar_content
-    rates: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  # drop rates of observed modalities, each in [0, 1]
+    mechanisms: list[str] = field(
+        default_factory=lambda: ["mcar", "mar", "mnar"]
+    )  # mcar | mar | mnar (label) | mnar_content
+    rates: list[float] = field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(10)]
+    )  # drop rates of observed modalities, each in [0, 1]
     patterns: bool = True  # also every fixed non-empty modality subset
     bootstrap: int = 200  # bootstrap resamples for 95% CIs (0: no intervals)
     seed: int = 0  # seed of the masks and the bootstrap resamples (not of the model)
     batch_size: int = 128  # stays per encoder pass at evaluation
     ece_bins: int = 10  # equal-width bins of the expected calibration error
-    mar_covariate: str = "severity"  # severity (mean |z| of the EHR values) | age (EHR static feature 0)
+    mar_covariate: str = (
+        "severity"  # severity (mean |z| of the EHR values) | age (EHR static feature 0)
+    )
     strength: float = 1.0  # MAR / MNAR logistic slope per standard deviation of the covariate
 
     def __post_init__(self) -> None:
@@ -109,7 +129,9 @@ class EvalConfig:
 
         for m in self.mechanisms:
             if m not in MECHANISMS:
-                raise ConfigError(f"eval.mechanisms: unknown mechanism {m!r}{closest(m, MECHANISMS)}")
+                raise ConfigError(
+                    f"eval.mechanisms: unknown mechanism {m!r}{closest(m, MECHANISMS)}"
+                )
         for r in self.rates:
             if not 0.0 <= float(r) <= 1.0:
                 raise ConfigError(f"eval.rates: {r} is not in [0, 1]")
@@ -285,10 +307,17 @@ def validate(cfg: Config) -> None:
     if cfg.data.task not in ("ihm48", "los3", "los7", "phenotype"):
         raise ConfigError(f"data.task: unknown task {cfg.data.task!r}")
     if cfg.train.scheduler not in ("cosine", "constant"):
-        raise ConfigError(f"train.scheduler: {cfg.train.scheduler!r} is not one of cosine, constant")
+        raise ConfigError(
+            f"train.scheduler: {cfg.train.scheduler!r} is not one of cosine, constant"
+        )
     if cfg.train.sampler not in ("random", "by_modality_count"):
-        raise ConfigError(f"train.sampler: {cfg.train.sampler!r} is not random or by_modality_count")
-    for name, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size)):
+        raise ConfigError(
+            f"train.sampler: {cfg.train.sampler!r} is not random or by_modality_count"
+        )
+    for name, value in (
+        ("train.epochs", cfg.train.epochs),
+        ("train.batch_size", cfg.train.batch_size),
+    ):
         if value < 1:
             raise ConfigError(f"{name}: must be >= 1, got {value}")
     if cfg.train.checkpoint_every < 0:

@@ -123,11 +123,15 @@ def brier(y: np.ndarray, p: np.ndarray, task: str = "binary") -> float:
     if task == "binary":
         return float(brier_score_loss(y.astype(int), p, pos_label=1))
     if task == "multilabel":
-        return float(np.mean([brier_score_loss(yc.astype(int), pc, pos_label=1)
-                              for yc, pc in _columns(y, p)]))
+        return float(
+            np.mean(
+                [brier_score_loss(yc.astype(int), pc, pos_label=1) for yc, pc in _columns(y, p)]
+            )
+        )
     if task == "multiclass":
-        return float(brier_score_loss(y.astype(int), p, labels=np.arange(p.shape[1]),
-                                      scale_by_half=False))
+        return float(
+            brier_score_loss(y.astype(int), p, labels=np.arange(p.shape[1]), scale_by_half=False)
+        )
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -234,8 +238,9 @@ def _w_ece(W: np.ndarray, y: np.ndarray, p: np.ndarray, n_bins: int) -> np.ndarr
     return np.abs(gap).sum(1) / W.sum(1)
 
 
-def _weighted(task: str, metric: str, W: np.ndarray, y: np.ndarray, p: np.ndarray,
-              threshold, n_bins: int = 10) -> np.ndarray:
+def _weighted(
+    task: str, metric: str, W: np.ndarray, y: np.ndarray, p: np.ndarray, threshold, n_bins: int = 10
+) -> np.ndarray:
     """One metric for every row of ``W`` (``[B, N]`` sample weights): ``[B]``."""
     W = np.asarray(W, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
@@ -253,10 +258,13 @@ def _weighted(task: str, metric: str, W: np.ndarray, y: np.ndarray, p: np.ndarra
     elif task in ("binary", "multilabel"):
         y2 = np.asarray(y, dtype=np.float64).reshape(len(p), -1)
         p2 = p.reshape(len(p), -1)
-        thr = np.broadcast_to(np.asarray(0.5 if threshold is None else threshold, np.float64),
-                              (p2.shape[1],))
-        cols = [(y2[:, c], p2[:, c], (p2[:, c] >= thr[c]).astype(np.float64))
-                for c in range(p2.shape[1])]
+        thr = np.broadcast_to(
+            np.asarray(0.5 if threshold is None else threshold, np.float64), (p2.shape[1],)
+        )
+        cols = [
+            (y2[:, c], p2[:, c], (p2[:, c] >= thr[c]).astype(np.float64))
+            for c in range(p2.shape[1])
+        ]
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     per = []
@@ -284,8 +292,9 @@ def _weighted(task: str, metric: str, W: np.ndarray, y: np.ndarray, p: np.ndarra
         return np.nanmean(per, axis=1)
 
 
-def bootstrap_weights(y: np.ndarray, n_boot: int, seed: int, task: str = "binary",
-                      stratified: bool = True) -> np.ndarray:
+def bootstrap_weights(
+    y: np.ndarray, n_boot: int, seed: int, task: str = "binary", stratified: bool = True
+) -> np.ndarray:
     """``int[n_boot, N]`` resample multiplicities (each row sums to N).
 
     Stratified for binary labels: positives and negatives are resampled separately, so every
@@ -304,9 +313,18 @@ def bootstrap_weights(y: np.ndarray, n_boot: int, seed: int, task: str = "binary
     return W
 
 
-def score_with_ci(y: np.ndarray, p: np.ndarray, task: str = "binary", threshold=None,
-                  n_boot: int = 200, seed: int = 0, alpha: float = 0.05, n_bins: int = 10,
-                  metrics=EVAL_METRICS, stratified: bool = True) -> dict[str, dict[str, float]]:
+def score_with_ci(
+    y: np.ndarray,
+    p: np.ndarray,
+    task: str = "binary",
+    threshold=None,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+    n_bins: int = 10,
+    metrics=EVAL_METRICS,
+    stratified: bool = True,
+) -> dict[str, dict[str, float]]:
     """Point estimates and percentile bootstrap CIs of AUROC, AUPRC, F1, ECE and Brier.
 
     Point estimates come from the scikit-learn based functions above; the ``n_boot`` resamples are
@@ -332,8 +350,10 @@ def score_with_ci(y: np.ndarray, p: np.ndarray, task: str = "binary", threshold=
     y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
     thr = 0.5 if threshold is None else threshold
     point = {
-        "auroc": lambda: auroc(y, p, task), "auprc": lambda: auprc(y, p, task),
-        "f1": lambda: f1(y, p, task, thr), "ece": lambda: ece(y, p, task, n_bins),
+        "auroc": lambda: auroc(y, p, task),
+        "auprc": lambda: auprc(y, p, task),
+        "f1": lambda: f1(y, p, task, thr),
+        "ece": lambda: ece(y, p, task, n_bins),
         "brier": lambda: brier(y, p, task),
     }
     out = {}

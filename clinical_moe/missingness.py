@@ -46,9 +46,20 @@ from scipy.special import expit
 from clinical_moe.training.sampling import modality_dropout
 
 __all__ = [
-    "MECHANISMS", "MissingnessSpec", "all_patterns", "calibrated_probabilities", "grid_specs",
-    "mar", "mcar", "mnar", "modality_dropout", "parse_pattern", "pattern_mask", "pattern_name",
-    "simulate", "stay_uniforms",
+    "MECHANISMS",
+    "MissingnessSpec",
+    "all_patterns",
+    "calibrated_probabilities",
+    "grid_specs",
+    "mar",
+    "mcar",
+    "mnar",
+    "modality_dropout",
+    "parse_pattern",
+    "pattern_mask",
+    "pattern_name",
+    "simulate",
+    "stay_uniforms",
 ]
 
 #: Random mechanisms understood by :func:`simulate` (besides ``"natural"`` and ``"pattern"``).
@@ -75,8 +86,9 @@ def _stream_id(stream: str | int) -> int:
     return stream if isinstance(stream, int) else zlib.crc32(stream.encode())
 
 
-def stay_uniforms(ids: Sequence[int] | np.ndarray, seed: int, num_modalities: int,
-                  stream: str | int = "mcar") -> np.ndarray:
+def stay_uniforms(
+    ids: Sequence[int] | np.ndarray, seed: int, num_modalities: int, stream: str | int = "mcar"
+) -> np.ndarray:
     """Uniform draws in ``[0, 1)`` keyed by ``(seed, stream, stay id, modality)``.
 
     Why: masks must depend on the stay, not on the row order or on which other stays are scored,
@@ -118,7 +130,9 @@ def _rates(rate: float | Sequence[float], num_modalities: int) -> np.ndarray:
     if r.ndim == 0:
         r = np.full(num_modalities, float(r))
     if r.shape != (num_modalities,):
-        raise ValueError(f"rate must be a float or {num_modalities} per-modality rates, got {rate!r}")
+        raise ValueError(
+            f"rate must be a float or {num_modalities} per-modality rates, got {rate!r}"
+        )
     if np.any(~np.isfinite(r)) or np.any(r < 0) or np.any(r > 1):
         raise ValueError(f"missingness rates must lie in [0, 1], got {rate!r}")
     return r
@@ -195,8 +209,12 @@ def calibrated_probabilities(present, score, rate, strength: float = 1.0) -> np.
             continue
         lin = strength * _standardise(score[:, j], rows)[rows]  # (N_j,)
         target = rates[j]
-        a = brentq(lambda c, lin=lin, target=target: float(expit(c + lin).mean()) - target,
-                   -60.0, 60.0, xtol=1e-12)
+        a = brentq(
+            lambda c, lin=lin, target=target: float(expit(c + lin).mean()) - target,
+            -60.0,
+            60.0,
+            xtol=1e-12,
+        )
         probs[rows, j] = expit(a + lin)
     return probs
 
@@ -222,8 +240,9 @@ def mcar(present, rate: float | Sequence[float], seed: int, *, ids=None) -> np.n
     return _draw(present, probs, seed, ids, "mcar")
 
 
-def mar(present, rate: float | Sequence[float], seed: int, *, covariate, ids=None,
-        strength: float = 1.0) -> np.ndarray:
+def mar(
+    present, rate: float | Sequence[float], seed: int, *, covariate, ids=None, strength: float = 1.0
+) -> np.ndarray:
     """Missing at random: the drop probability is logistic in an observed covariate.
 
     Args:
@@ -239,8 +258,16 @@ def mar(present, rate: float | Sequence[float], seed: int, *, covariate, ids=Non
     return _draw(present, probs, seed, ids, "mar")
 
 
-def mnar(present, rate: float | Sequence[float], seed: int, *, labels=None, content=None,
-         ids=None, strength: float = 1.0) -> np.ndarray:
+def mnar(
+    present,
+    rate: float | Sequence[float],
+    seed: int,
+    *,
+    labels=None,
+    content=None,
+    ids=None,
+    strength: float = 1.0,
+) -> np.ndarray:
     """Missing not at random: logistic in the label (``labels``) or in the content (``content``).
 
     Args:
@@ -302,8 +329,9 @@ def pattern_mask(present, pattern: str | Sequence[str], modalities: Sequence[str
 # Dispatcher
 
 
-def simulate(mechanism: str, present, rate: float | Sequence[float] = 0.0, seed: int = 0,
-             **context) -> np.ndarray:
+def simulate(
+    mechanism: str, present, rate: float | Sequence[float] = 0.0, seed: int = 0, **context
+) -> np.ndarray:
     """Apply one mechanism by name.
 
     Args:
@@ -340,7 +368,8 @@ def simulate(mechanism: str, present, rate: float | Sequence[float] = 0.0, seed:
     if mechanism == "pattern":
         return pattern_mask(present, need("pattern"), need("modalities"))
     raise ValueError(
-        f"unknown missingness mechanism {mechanism!r}; use natural, pattern or one of {MECHANISMS}")
+        f"unknown missingness mechanism {mechanism!r}; use natural, pattern or one of {MECHANISMS}"
+    )
 
 
 @dataclass(frozen=True)
@@ -359,8 +388,10 @@ class MissingnessSpec:
 
     def __post_init__(self) -> None:
         if self.mechanism not in (*MECHANISMS, "natural", "pattern"):
-            raise ValueError(f"unknown missingness mechanism {self.mechanism!r}; use natural, "
-                             f"pattern or one of {MECHANISMS}")
+            raise ValueError(
+                f"unknown missingness mechanism {self.mechanism!r}; use natural, "
+                f"pattern or one of {MECHANISMS}"
+            )
         if (self.mechanism == "pattern") != (self.pattern is not None):
             raise ValueError("a pattern spec needs a pattern, and only a pattern spec has one")
         if not 0.0 <= self.rate <= 1.0:
@@ -382,8 +413,12 @@ class MissingnessSpec:
         return simulate(self.mechanism, present, self.rate, seed, **context)
 
 
-def grid_specs(mechanisms: Sequence[str], rates: Sequence[float], modalities: Sequence[str],
-               patterns: bool = True) -> list[MissingnessSpec]:
+def grid_specs(
+    mechanisms: Sequence[str],
+    rates: Sequence[float],
+    modalities: Sequence[str],
+    patterns: bool = True,
+) -> list[MissingnessSpec]:
     """The natural point, every mechanism x rate, then every fixed pattern.
 
     A rate of 0 reproduces the natural mask for every mechanism; it is still listed per mechanism

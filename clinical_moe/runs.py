@@ -50,7 +50,8 @@ def _from_checkpoint_file(path: Path) -> tuple[Config, dict, str | None, str]:
     config_file = path.parent / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{path}: no config.yaml beside the checkpoint; pass the run's config with --config")
+            f"{path}: no config.yaml beside the checkpoint; pass the run's config with --config"
+        )
     cfg = load_config(yaml.safe_load(config_file.read_text()))
     state = load_checkpoint(path)
     info = CheckpointDir(path.parent).read_run()
@@ -80,14 +81,19 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Config, dict, s
     except (OSError, MlflowException) as err:
         raise LookupError(
             f"MLflow run {run_id!r} at {uri} has no config.yaml / checkpoints/best.pt artifacts "
-            f"(was it trained with `clinical-moe train` and did it finish?): {err}") from err
+            f"(was it trained with `clinical-moe train` and did it finish?): {err}"
+        ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg, state, run.info.run_name or run_id, f"{run.info.artifact_uri}/checkpoints/best.pt"
 
 
-def load_run(run_id: str | None = None, checkpoint: str | Path | None = None,
-             tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> LoadedRun:
+def load_run(
+    run_id: str | None = None,
+    checkpoint: str | Path | None = None,
+    tracking_uri: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> LoadedRun:
     """Rebuild a trained model and its data from an MLflow run id or a checkpoint file.
 
     Args:
@@ -111,10 +117,12 @@ def load_run(run_id: str | None = None, checkpoint: str | Path | None = None,
     if not (cache / "manifest.parquet").is_file():
         raise FileNotFoundError(
             f"the run's cache {cache} is missing (no manifest.parquet); rebuild it with "
-            "`clinical-moe preprocess --config <the run's config>` or pass cache_dir")
+            "`clinical-moe preprocess --config <the run's config>` or pass cache_dir"
+        )
     data = build_data(cfg, cache)
     model = build_model(cfg, data)
     model.load_state_dict(state["model"])
     model.eval()
-    return LoadedRun(cfg=cfg, model=model, data=data, run_id=run_id, name=str(name),
-                     checkpoint=str(path))
+    return LoadedRun(
+        cfg=cfg, model=model, data=data, run_id=run_id, name=str(name), checkpoint=str(path)
+    )

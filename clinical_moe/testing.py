@@ -65,7 +65,9 @@ def random_batch(
     for m, name in enumerate(mods):
         raw = encoders[name].random_inputs(batch_size, gen)
         keep = present[:, m]
-        inputs[name] = {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in raw.items()}
+        inputs[name] = {
+            k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in raw.items()
+        }
     task = task or ("binary" if num_classes == 1 else "multiclass")
     if task == "binary":
         labels = torch.randint(0, 2, (batch_size,), generator=gen).float()
@@ -118,8 +120,9 @@ def noise_padding(batch: Batch, model: MultimodalModel, seed: int = 2) -> Batch:
     return replace(batch, inputs=inputs)
 
 
-def noise_padded_tokens(tokens: dict[str, ModalityTokens], seed: int = 3,
-                        scale: float = 5.0) -> dict[str, ModalityTokens]:
+def noise_padded_tokens(
+    tokens: dict[str, ModalityTokens], seed: int = 3, scale: float = 5.0
+) -> dict[str, ModalityTokens]:
     """Encoder outputs with every padded token (``mask`` False) replaced by large noise.
 
     A head must give the same output on the result as on ``tokens``; the token-level twin of
@@ -188,8 +191,13 @@ def write_toy_cache(
     for s0 in range(0, n_stays, shard_size):
         w = ShardWriter(cache_dir, s0 // shard_size, mods, 1, shapes, num_variables, num_static)
         for i in range(s0, min(s0 + shard_size, n_stays)):
-            meta = {"stay_id": 30_000_000 + i, "subject_id": 10_000_000 + i, "split": split[i],
-                    "label": labels[i], "true_risk": risk[i]}
+            meta = {
+                "stay_id": 30_000_000 + i,
+                "subject_id": 10_000_000 + i,
+                "split": split[i],
+                "label": labels[i],
+                "true_risk": risk[i],
+            }
             ehr, events = None, {}
             for m, name in enumerate(mods):
                 if not present[i, m]:
@@ -200,10 +208,16 @@ def write_toy_cache(
                     obs = rng.random((L, num_variables)) < 0.5
                     obs[:, 0] = True
                     values = rng.normal(zi, 1.0, (L, num_variables)).astype(np.float32) * obs
-                    ehr = {"values": values, "obs_mask": obs, "times": np.sort(rng.uniform(0, 48, L)),
-                           "static": rng.normal(size=num_static)}
+                    ehr = {
+                        "values": values,
+                        "obs_mask": obs,
+                        "times": np.sort(rng.uniform(0, 48, L)),
+                        "static": rng.normal(size=num_static),
+                    }
                 elif name == "cxr":
-                    img = np.clip(rng.normal(128 + 30 * zi, 20, (1, image_size, image_size)), 0, 255)
+                    img = np.clip(
+                        rng.normal(128 + 30 * zi, 20, (1, image_size, image_size)), 0, 255
+                    )
                     events[name] = (img.astype(np.uint8), np.array([rng.uniform(0, 48)]))
                 elif name == "ecg":
                     t = np.linspace(0, 6.28 * 4, ecg_samples)
@@ -217,9 +231,16 @@ def write_toy_cache(
             w.add(meta, ehr=ehr, events=events)
         metas.append(w.close())
     summary = {
-        "modalities": list(mods), "label_columns": ["label"], "task": "toy", "toy": True,
+        "modalities": list(mods),
+        "label_columns": ["label"],
+        "task": "toy",
+        "toy": True,
         # what encoders must be built with to read this cache (merged into encoder options)
-        "encoder_kwargs": {"ehr": {"num_variables": num_variables, "num_static": num_static},
-                           "notes": {"vocab_size": 64}},
+        "encoder_kwargs": {
+            "ehr": {"num_variables": num_variables, "num_static": num_static},
+            "notes": {"vocab_size": 64},
+        },
     }
-    return finalize_cache(cache_dir, metas, summary, num_variables=num_variables if "ehr" in mods else None)
+    return finalize_cache(
+        cache_dir, metas, summary, num_variables=num_variables if "ehr" in mods else None
+    )

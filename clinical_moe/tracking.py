@@ -128,7 +128,7 @@ def artifact_root_for(uri: str) -> str | None:
     """
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
@@ -151,9 +151,14 @@ class MlflowLogger:
         log_model: Whether :meth:`log_model` logs the model (off to keep smoke runs fast).
     """
 
-    def __init__(self, uri: str | None = None, experiment: str = "clinical_moe",
-                 run_name: str | None = None, run_id: str | None = None,
-                 log_model: bool = True) -> None:
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment: str = "clinical_moe",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        log_model: bool = True,
+    ) -> None:
         try:
             import mlflow
             from mlflow.tracking import MlflowClient
@@ -227,7 +232,10 @@ class MlflowLogger:
         try:
             with mlflow.start_run(run_id=self._run_id):
                 mlflow.pytorch.log_model(
-                    model, name="model", signature=signature, serialization_format="pickle",
+                    model,
+                    name="model",
+                    signature=signature,
+                    serialization_format="pickle",
                     # explicit requirements: skips MLflow's slow requirement inference subprocess
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clinical_moe"],
                 )

@@ -93,7 +93,9 @@ class Batch:
         try:
             return self.modalities.index(modality)
         except ValueError:
-            raise KeyError(f"modality {modality!r} not in batch modalities {self.modalities}") from None
+            raise KeyError(
+                f"modality {modality!r} not in batch modalities {self.modalities}"
+            ) from None
 
     def present_of(self, modality: str) -> torch.Tensor:
         """``BoolTensor[B]``: which rows observe ``modality``."""
@@ -131,7 +133,9 @@ class Batch:
         """
         present = present.to(self.present.device).bool()
         if present.shape != self.present.shape:
-            raise ValueError(f"present must be {tuple(self.present.shape)}, got {tuple(present.shape)}")
+            raise ValueError(
+                f"present must be {tuple(self.present.shape)}, got {tuple(present.shape)}"
+            )
         added = present & ~self.present
         if bool(added.any()):
             r, m = added.nonzero()[0].tolist()

@@ -31,31 +31,54 @@ log = logging.getLogger("clinical_moe.attribute")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("attribute", help="per-modality attribution report of a trained run",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "attribute",
+        help="per-modality attribution report of a trained run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="MLflow run id of a `clinical-moe train` run")
     which.add_argument("--checkpoint", help="best.pt / last.pt of a run (config.yaml beside it)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="stays to attribute (default test)")
-    p.add_argument("--max-stays", type=int, default=None,
-                   help="attribute only the first N stays of the split")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test"),
+        help="stays to attribute (default test)",
+    )
+    p.add_argument(
+        "--max-stays", type=int, default=None, help="attribute only the first N stays of the split"
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/attribution/<run>)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="stays per batch")
-    p.add_argument("--ig-steps", type=int, default=32,
-                   help="Integrated Gradients steps (0 skips IG, most of the cost for big heads)")
+    p.add_argument(
+        "--ig-steps",
+        type=int,
+        default=32,
+        help="Integrated Gradients steps (0 skips IG, most of the cost for big heads)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    attribute(run_id=args.run_id, checkpoint=args.checkpoint, out=args.out,
-              tracking_uri=args.tracking_uri, max_stays=args.max_stays, quiet=args.quiet,
-              split=args.split, batch_size=args.batch_size, ig_steps=args.ig_steps)
+    attribute(
+        run_id=args.run_id,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        tracking_uri=args.tracking_uri,
+        max_stays=args.max_stays,
+        quiet=args.quiet,
+        split=args.split,
+        batch_size=args.batch_size,
+        ig_steps=args.ig_steps,
+    )
     return 0
 
 
@@ -96,11 +119,18 @@ def log_to_mlflow(run_id: str, uri: str, out: Path, metrics: dict[str, float]) -
     return True
 
 
-def attribute(run_id: str | None = None, checkpoint: str | Path | None = None,
-              out: str | Path | None = None, tracking_uri: str | None = None,
-              max_stays: int | None = None, quiet: bool = False, split: str = "test",
-              batch_size: int = 64, ig_steps: int = 32,
-              log_mlflow: bool = True) -> dict[str, pd.DataFrame]:
+def attribute(
+    run_id: str | None = None,
+    checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    tracking_uri: str | None = None,
+    max_stays: int | None = None,
+    quiet: bool = False,
+    split: str = "test",
+    batch_size: int = 64,
+    ig_steps: int = 32,
+    log_mlflow: bool = True,
+) -> dict[str, pd.DataFrame]:
     """Attribution report of a trained run (see the module docstring).
 
     Args:
@@ -128,8 +158,9 @@ def attribute(run_id: str | None = None, checkpoint: str | Path | None = None,
     start = time.perf_counter()
     quiet = quiet or not sys.stderr.isatty()
     loaded = load_run(run_id=run_id, checkpoint=checkpoint, tracking_uri=tracking_uri)
-    uri = resolve_tracking_uri(tracking_uri if run_id is not None
-                               else tracking_uri or loaded.cfg.tracking.uri)
+    uri = resolve_tracking_uri(
+        tracking_uri if run_id is not None else tracking_uri or loaded.cfg.tracking.uri
+    )
     data = loaded.data
     dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
     if dataset is None:
@@ -139,26 +170,45 @@ def attribute(run_id: str | None = None, checkpoint: str | Path | None = None,
         raise ValueError(f"nothing to attribute: max_stays={max_stays}, {len(dataset)} stays")
     target = make_target(data.task, data.train.labels, label_names=data.train.label_columns)
     mods = tuple(loaded.model.modalities)
-    tables = attribute_dataset(loaded.model, dataset, target, indices=range(n),
-                               batch_size=batch_size, ig_steps=ig_steps, quiet=quiet)
+    tables = attribute_dataset(
+        loaded.model,
+        dataset,
+        target,
+        indices=range(n),
+        batch_size=batch_size,
+        ig_steps=ig_steps,
+        quiet=quiet,
+    )
     truth, reason = find_truth(dataset.store.summary)
     tables.update(faithfulness(tables["per_stay"], truth, mods, tables["interactions"], reason))
     seconds = time.perf_counter() - start
-    info = {"run": loaded.name, "run_id": loaded.run_id, "head": loaded.cfg.model.name,
-            "checkpoint": str(loaded.checkpoint), "split": split, "stays": n,
-            "target": f"{target.name} ({target.task}, log-odds)",
-            "prevalence": round(target.base_risk, 4), "modalities": ", ".join(mods),
-            "seconds": round(seconds, 1)}
+    info = {
+        "run": loaded.name,
+        "run_id": loaded.run_id,
+        "head": loaded.cfg.model.name,
+        "checkpoint": str(loaded.checkpoint),
+        "split": split,
+        "stays": n,
+        "target": f"{target.name} ({target.task}, log-odds)",
+        "prevalence": round(target.base_risk, 4),
+        "modalities": ", ".join(mods),
+        "seconds": round(seconds, 1),
+    }
     out = Path(out) if out is not None else Path("runs") / "attribution" / loaded.name
     paths = write_report(out, tables, info, mods)
     logged = False
     if log_mlflow and loaded.run_id:
-        metrics = {**faithfulness_metrics(tables), "attribution/seconds": seconds,
-                   "attribution/stays": float(n)}
+        metrics = {
+            **faithfulness_metrics(tables),
+            "attribution/seconds": seconds,
+            "attribution/stays": float(n),
+        }
         logged = log_to_mlflow(loaded.run_id, uri, out, metrics)
     where = f"; logged to MLflow run {loaded.run_id} under attribution/" if logged else ""
-    print(f"attribution of {loaded.name}: {n} {split} stays in {seconds:.1f} s; "
-          f"tables in {paths['tables']}, report {paths['report']}{where}")
+    print(
+        f"attribution of {loaded.name}: {n} {split} stays in {seconds:.1f} s; "
+        f"tables in {paths['tables']}, report {paths['report']}{where}"
+    )
     return tables
 
 
@@ -167,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["attribute", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -22,19 +22,37 @@ log = logging.getLogger("clinical_moe.demo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/demo", help="folder for every file the demo writes")
     p.add_argument("--n-patients", type=int, default=2000, help="synthetic patients")
     p.add_argument("--seed", type=int, default=0, help="corpus and training seed")
-    p.add_argument("--heads", nargs="+", default=["fusemoe", "late"],
-                   help="heads to train and compare (registry names); the first is attributed")
-    p.add_argument("--config-dir", default="configs/demo",
-                   help="folder of <head>.yaml configs (configs/tiny: seconds; configs: paper defaults)")
-    p.add_argument("--image-size", type=int, nargs=2, default=(128, 256), metavar=("MIN", "MAX"),
-                   help="radiograph side in the corpus (the cache resizes to data.image_size)")
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        default=["fusemoe", "late"],
+        help="heads to train and compare (registry names); the first is attributed",
+    )
+    p.add_argument(
+        "--config-dir",
+        default="configs/demo",
+        help="folder of <head>.yaml configs (configs/tiny: seconds; configs: paper defaults)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=(128, 256),
+        metavar=("MIN", "MAX"),
+        help="radiograph side in the corpus (the cache resizes to data.image_size)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="config overrides for every head, e.g. train.epochs=2")
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides for every head, e.g. train.epochs=2"
+    )
     return p.parse_args(argv)
 
 
@@ -42,9 +60,13 @@ def head_config(args: argparse.Namespace, head: str, out: Path):
     path = Path(args.config_dir) / f"{head}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no config for head {head!r}: {path}")
-    overrides = [f"data.root={out / 'corpus'}", f"data.cache_dir={out / 'cache'}",
-                 f"train.checkpoint_dir={out / 'checkpoints'}", f"seed={args.seed}",
-                 *args.overrides]
+    overrides = [
+        f"data.root={out / 'corpus'}",
+        f"data.cache_dir={out / 'cache'}",
+        f"train.checkpoint_dir={out / 'checkpoints'}",
+        f"seed={args.seed}",
+        *args.overrides,
+    ]
     return load_config(path, overrides)
 
 
@@ -73,18 +95,24 @@ def print_attribution_headline(tables: dict) -> None:
     summary = tables.get("modality_summary")
     if summary is not None and len(summary):
         shap = summary[summary["method"] == "shapley"]
-        print("mean |Shapley| (log-odds) where present: " + ", ".join(
-            f"{r.modality} {r.mean_abs:.3f}" for r in shap.itertuples()))
+        print(
+            "mean |Shapley| (log-odds) where present: "
+            + ", ".join(f"{r.modality} {r.mean_abs:.3f}" for r in shap.itertuples())
+        )
     faith = tables.get("faithfulness")
     if faith is not None and len(faith):
         shap = faith[faith["method"] == "shapley"]
-        print("faithfulness (Shapley): " + ", ".join(
-            f"{r.metric} {r.value:.2f} (n={r.n_stays})" for r in shap.itertuples()))
+        print(
+            "faithfulness (Shapley): "
+            + ", ".join(f"{r.metric} {r.value:.2f} (n={r.n_stays})" for r in shap.itertuples())
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.quiet or not sys.stderr.isatty()
@@ -98,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from clinical_moe.data.synthetic import generate_corpus
 
-        s = generate_corpus(corpus, n_patients=args.n_patients, seed=args.seed,
-                            image_size=tuple(args.image_size), quiet=quiet, overwrite=True)
+        s = generate_corpus(
+            corpus,
+            n_patients=args.n_patients,
+            seed=args.seed,
+            image_size=tuple(args.image_size),
+            quiet=quiet,
+            overwrite=True,
+        )
         print("\n".join(s.lines()))
     timings["synth_s"] = time.perf_counter() - t
 

@@ -31,20 +31,44 @@ from pathlib import Path
 
 log = logging.getLogger("clinical_moe.evaluate")
 
-MECHANISM_CHOICES = ("mcar", "mar", "mnar", "mnar_content")  # == clinical_moe.missingness.MECHANISMS
+MECHANISM_CHOICES = (
+    "mcar",
+    "mar",
+    "mnar",
+    "mnar_content",
+)  # == clinical_moe.missingness.MECHANISMS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``evaluate`` subcommand on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser("evaluate", help="evaluate runs under simulated missingness",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-id", action="append", default=[], dest="run_ids", metavar="ID",
-                   help="MLflow run id of a trained run (repeat to compare several)")
-    p.add_argument("--checkpoint", action="append", default=[], dest="checkpoints",
-                   metavar="PATH", help="best.pt / last.pt of a trained run (repeatable)")
-    p.add_argument("--mechanisms", nargs="+", choices=MECHANISM_CHOICES,
-                   help="missingness mechanisms (default: the run's eval.mechanisms)")
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate runs under simulated missingness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--run-id",
+        action="append",
+        default=[],
+        dest="run_ids",
+        metavar="ID",
+        help="MLflow run id of a trained run (repeat to compare several)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        dest="checkpoints",
+        metavar="PATH",
+        help="best.pt / last.pt of a trained run (repeatable)",
+    )
+    p.add_argument(
+        "--mechanisms",
+        nargs="+",
+        choices=MECHANISM_CHOICES,
+        help="missingness mechanisms (default: the run's eval.mechanisms)",
+    )
     p.add_argument("--rates", nargs="+", type=float, help="simulated drop rates in [0, 1]")
     p.add_argument("--no-patterns", action="store_true", help="skip the fixed modality patterns")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% CIs")
@@ -86,8 +110,13 @@ def _metrics_for(grid, run: str, prefix: tuple[str, ...]) -> list[tuple[str, flo
         elif r["mechanism"] == "natural":
             out.append((_metric_key(*prefix, "natural", r["metric"]), r["value"], 0))
         elif r["metric"] in ("auroc", "auprc"):
-            out.append((_metric_key(*prefix, r["mechanism"], r["metric"]), r["value"],
-                        int(round(100 * r["rate"]))))
+            out.append(
+                (
+                    _metric_key(*prefix, r["mechanism"], r["metric"]),
+                    r["value"],
+                    int(round(100 * r["rate"])),
+                )
+            )
     return out
 
 
@@ -112,8 +141,12 @@ def log_to_mlflow(runs, out: Path, grid, tracking_uri: str | None) -> str:
         try:
             logger = MlflowLogger(uri, run_id=runs[0].run_id)
         except Exception as err:  # the run is not in this store
-            log.warning("cannot re-open MLflow run %s at %s (%s); logging to a new run",
-                        runs[0].run_id, uri, err)
+            log.warning(
+                "cannot re-open MLflow run %s at %s (%s); logging to a new run",
+                runs[0].run_id,
+                uri,
+                err,
+            )
     if logger is None:
         for r in runs:
             try:
@@ -123,15 +156,20 @@ def log_to_mlflow(runs, out: Path, grid, tracking_uri: str | None) -> str:
             if exp_id is not None:
                 experiment = client.get_experiment(exp_id).name
                 break
-        name = (f"evaluate-{runs[0].name}" if len(runs) == 1
-                else f"compare-{'-'.join(r.cfg.model.name for r in runs)}"[:200])
+        name = (
+            f"evaluate-{runs[0].name}"
+            if len(runs) == 1
+            else f"compare-{'-'.join(r.cfg.model.name for r in runs)}"[:200]
+        )
         logger = MlflowLogger(uri, experiment, run_name=name)
-        logger.set_tags({
-            "evaluation": "missingness",
-            "compared_run_ids": ",".join(r.run_id or "" for r in runs),
-            "compared_run_names": ",".join(r.name for r in runs),
-            "compared_checkpoints": ",".join(str(r.checkpoint) for r in runs),
-        })
+        logger.set_tags(
+            {
+                "evaluation": "missingness",
+                "compared_run_ids": ",".join(r.run_id or "" for r in runs),
+                "compared_run_names": ",".join(r.name for r in runs),
+                "compared_checkpoints": ",".join(str(r.checkpoint) for r in runs),
+            }
+        )
     try:
         cfg_meta = grid.attrs.get("eval_config", {})
         logger.set_tags({f"evaluation.{k}": str(v) for k, v in cfg_meta.items()})
@@ -153,10 +191,17 @@ def log_to_mlflow(runs, out: Path, grid, tracking_uri: str | None) -> str:
     return logger.run_id
 
 
-def evaluate(run_ids: Sequence[str] = (), checkpoints: Sequence[str | Path] = (),
-             out: str | Path | None = None, eval_cfg=None, tracking_uri: str | None = None,
-             cache_dir: str | Path | None = None, quiet: bool = True, log_mlflow: bool = True,
-             **overrides):
+def evaluate(
+    run_ids: Sequence[str] = (),
+    checkpoints: Sequence[str | Path] = (),
+    out: str | Path | None = None,
+    eval_cfg=None,
+    tracking_uri: str | None = None,
+    cache_dir: str | Path | None = None,
+    quiet: bool = True,
+    log_mlflow: bool = True,
+    **overrides,
+):
     """Evaluate runs under simulated missingness; the python twin of ``clinical-moe evaluate``.
 
     Args:
@@ -205,21 +250,33 @@ def run(args: argparse.Namespace) -> int:
     """Run the ``evaluate`` subcommand and print where the results are."""
     quiet = args.quiet or not sys.stderr.isatty()
     grid = evaluate(
-        args.run_ids, args.checkpoints, out=args.out, tracking_uri=args.tracking_uri,
-        cache_dir=args.cache_dir, quiet=quiet, log_mlflow=not args.no_mlflow,
-        mechanisms=args.mechanisms, rates=args.rates, bootstrap=args.bootstrap, seed=args.seed,
+        args.run_ids,
+        args.checkpoints,
+        out=args.out,
+        tracking_uri=args.tracking_uri,
+        cache_dir=args.cache_dir,
+        quiet=quiet,
+        log_mlflow=not args.no_mlflow,
+        mechanisms=args.mechanisms,
+        rates=args.rates,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
         patterns=False if args.no_patterns else None,
     )
     out = Path(grid.attrs["out_dir"])
     natural = grid[(grid["point"] == "natural") & (grid["metric"] == "auroc")]
     for _, r in natural.iterrows():
-        print(f"{r['run']}: AUROC {r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
-              f"under natural missingness (n={r['n']})")
+        print(
+            f"{r['run']}: AUROC {r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
+            f"under natural missingness (n={r['n']})"
+        )
     oracle = grid.attrs.get("oracle_auroc", math.nan)
     if math.isfinite(oracle):
         print(f"oracle (true risk) AUROC on the same stays: {oracle:.4f}")
-    print(f"evaluation results in {out.resolve()}: report.html, summary.md, grid.csv/.parquet, "
-          "natural.csv/.parquet, plots")
+    print(
+        f"evaluation results in {out.resolve()}: report.html, summary.md, grid.csv/.parquet, "
+        "natural.csv/.parquet, plots"
+    )
     if "mlflow_run_id" in grid.attrs:
         print(f"logged as MLflow artifacts evaluation/ of run {grid.attrs['mlflow_run_id']}")
     return 0
@@ -230,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["evaluate", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -16,8 +16,9 @@ from clinical_moe.config import load_config
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("preprocess", help="build the preprocessing cache from raw files",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "preprocess", help="build the preprocessing cache from raw files", description=__doc__
+    )
     p.add_argument("--config", help="run config YAML (data section used)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.root=/data")
     p.add_argument("--no-resume", action="store_true", help="redo every shard")

@@ -31,12 +31,19 @@ log = logging.getLogger("clinical_moe.train")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="train a fusion head (tracked in MLflow)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="train a fusion head (tracked in MLflow)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="run config YAML, e.g. configs/fusemoe.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's last checkpoint, in the same MLflow run")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run's last checkpoint, in the same MLflow run",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -92,8 +99,14 @@ def data_params(cache: Path) -> dict[str, object]:
 def git_commit() -> str:
     """``git rev-parse HEAD`` of the source tree, or "unknown" outside a git checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -104,8 +117,13 @@ def open_logger(cfg: Config, info: D.DistInfo, run_name: str, run_id: str | None
 
     logger = None
     if info.is_main:
-        logger = MlflowLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name, run_id,
-                              log_model=cfg.tracking.log_model)
+        logger = MlflowLogger(
+            cfg.tracking.uri,
+            cfg.tracking.experiment,
+            run_name,
+            run_id,
+            log_model=cfg.tracking.log_model,
+        )
         run_id = logger.run_id
     run_id = D.broadcast_object(run_id, info)
     return logger or NullLogger(run_id)
@@ -135,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         D.cleanup()
 
 
-def train(cfg: Config, info: D.DistInfo | None = None, resume: bool = False, quiet: bool = False) -> int:
+def train(
+    cfg: Config, info: D.DistInfo | None = None, resume: bool = False, quiet: bool = False
+) -> int:
     """Train ``cfg`` end to end (see the module docstring); returns 0."""
     from clinical_moe.training.checkpoint import CheckpointDir, load_checkpoint
     from clinical_moe.training.engine import Trainer
@@ -164,14 +184,22 @@ def train(cfg: Config, info: D.DistInfo | None = None, resume: bool = False, qui
     logger = open_logger(cfg, info, name, D.broadcast_object(run_id, info))
     try:
         if info.is_main:
-            ckpt.write_run({"run_id": logger.run_id, "run_name": name, "config_hash": config_hash(cfg)})
+            ckpt.write_run(
+                {"run_id": logger.run_id, "run_name": name, "config_hash": config_hash(cfg)}
+            )
         trainer = Trainer(cfg, cache, ckpt, logger, info, resume=state, quiet=quiet)
         if info.is_main and state is None:
             config_file = ckpt.path / "config.yaml"
             config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             logger.log_params({**flatten(cfg), **data_params(cache), "world_size": info.world_size})
-            logger.set_tags({"git_commit": git_commit(), "head": cfg.model.name,
-                             "task": trainer.data.task, "data_task": cfg.data.task})
+            logger.set_tags(
+                {
+                    "git_commit": git_commit(),
+                    "head": cfg.model.name,
+                    "task": trainer.data.task,
+                    "data_task": cfg.data.task,
+                }
+            )
             logger.log_artifact(config_file)
             logger.log_artifact(cache / "summary.json", "data")
         result = trainer.fit()
@@ -180,10 +208,12 @@ def train(cfg: Config, info: D.DistInfo | None = None, resume: bool = False, qui
                 logger.log_artifact(ckpt.best, "checkpoints")
             log_model(trainer, logger)
             m = result.metrics
-            print(f"run {result.run_id} ({name}): best epoch {result.best_epoch + 1}, "
-                  f"val AUROC {m.get('best_val_auroc', float('nan')):.4f}, "
-                  f"test AUROC {m.get('test_auroc', float('nan')):.4f}, "
-                  f"{result.samples_per_s:.0f} samples/s; checkpoints in {ckpt.path}")
+            print(
+                f"run {result.run_id} ({name}): best epoch {result.best_epoch + 1}, "
+                f"val AUROC {m.get('best_val_auroc', float('nan')):.4f}, "
+                f"test AUROC {m.get('test_auroc', float('nan')):.4f}, "
+                f"{result.samples_per_s:.0f} samples/s; checkpoints in {ckpt.path}"
+            )
     except BaseException:
         logger.close("FAILED")
         raise
@@ -198,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

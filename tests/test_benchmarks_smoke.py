@@ -212,8 +212,9 @@ def test_run_all_summarises_saved_reports(moe_report, pipeline_report, train_rep
     summary = run_all.main(["--from", *specs, "--out", str(out)])
     assert summary["results"]["moe"] == run_all.summarize("moe", moe_report)
     assert summary["results"]["train"] == run_all.summarize("train", train_report)
-    assert json.loads(out.read_text())["from_saved_reports"]["pipeline"]["git_commit"] == (
-        pipeline_report["environment"]["git_commit"]
+    assert (
+        json.loads(out.read_text())["from_saved_reports"]["pipeline"]["git_commit"]
+        == (pipeline_report["environment"]["git_commit"])
     )
     with pytest.raises(SystemExit, match="NAME=FILE"):
         run_all.main(["--from", "nonsense"])
@@ -253,13 +254,26 @@ def test_bench_quality_targets():
     for seed in (0, 1):
         for head, nat, mis in (("late", 0.80, 0.70), ("fusemoe", 0.86, 0.82), ("concat", 0.7, 0.4)):
             for rate, auc in ((0.0, nat), (0.5, mis)):
-                rows.append({"seed": seed, "head": head, "rate": rate, "value_auroc": auc,
-                             "ci_low_auroc": auc - 0.05, "ci_high_auroc": auc + 0.05,
-                             "value_auprc": 0.5, "auroc_of_oracle": auc / 0.9,
-                             "oracle_auroc": 0.9, "time_to_best_s": 3.0, "train_wall_s": 4.0})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "head": head,
+                        "rate": rate,
+                        "value_auroc": auc,
+                        "ci_low_auroc": auc - 0.05,
+                        "ci_high_auroc": auc + 0.05,
+                        "value_auprc": 0.5,
+                        "auroc_of_oracle": auc / 0.9,
+                        "oracle_auroc": 0.9,
+                        "time_to_best_s": 3.0,
+                        "train_wall_s": 4.0,
+                    }
+                )
     out = summarise(pd.DataFrame(rows), 0.5)
     t = out["targets"]
     assert t["best_head"] == "fusemoe" and t["best_head_drop_lt_late_drop"] is True
     assert abs(t["best_head_auroc_of_oracle"] - 0.86 / 0.9) < 1e-9
-    assert t["best_head_ge_0.95_oracle"] is True and t["heads_with_drop_lt_late_drop"] == ["fusemoe"]
+    assert t["best_head_ge_0.95_oracle"] is True and t["heads_with_drop_lt_late_drop"] == [
+        "fusemoe"
+    ]
     assert abs(out["heads"]["concat"]["auroc_drop_mcar0.5"] - 0.3) < 1e-9

@@ -18,7 +18,12 @@ def test_yaml_with_include(tmp_path):
     (tmp_path / "data.yaml").write_text("data:\n  task: los3\n  window_hours: 24\n")
     (tmp_path / "run.yaml").write_text("include: data.yaml\nseed: 3\ntrain:\n  epochs: 2\n")
     cfg = load_config(tmp_path / "run.yaml")
-    assert (cfg.seed, cfg.data.task, cfg.data.window_hours, cfg.train.epochs) == (3, "los3", 24.0, 2)
+    assert (cfg.seed, cfg.data.task, cfg.data.window_hours, cfg.train.epochs) == (
+        3,
+        "los3",
+        24.0,
+        2,
+    )
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,9 @@ def test_shapes_and_patterns(name, M):
         batch = random_batch(model, 5, present=present, seed=M)
         logits = _eval_logits(model, batch)
         assert logits.shape == (5, 1)
-        assert torch.isfinite(logits).all(), f"{name} pattern {pat.tolist()} gives non-finite logits"
+        assert torch.isfinite(logits).all(), (
+            f"{name} pattern {pat.tolist()} gives non-finite logits"
+        )
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -95,7 +97,9 @@ def test_masked_content_is_invisible(name, M):
     batch = random_batch(model, 6, seed=4)
     ref = _eval_logits(model, batch)
     torch.testing.assert_close(_eval_logits(model, noise_absent(batch)), ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(_eval_logits(model, noise_padding(batch, model)), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        _eval_logits(model, noise_padding(batch, model)), ref, atol=ATOL, rtol=0
+    )
 
 
 def _one_step_grads(model, batch):
@@ -119,7 +123,11 @@ def test_every_parameter_learns(name, M):
         assert out.aux_loss.requires_grad, f"{name}: non-zero aux_loss is detached from the graph"
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"{name}: parameters without gradient: {dead[:8]}"
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
     assert not bad, f"{name}: non-finite gradients: {bad[:8]}"
 
 
@@ -158,8 +166,12 @@ def test_default_model_on_clinical_modalities(name):
     ref = _eval_logits(model, batch)
     assert ref.shape == (4, 1) and torch.isfinite(ref).all()
     torch.testing.assert_close(_eval_logits(model, noise_absent(batch)), ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(_eval_logits(model, noise_padding(batch, model)), ref, atol=ATOL, rtol=0)
-    full = random_batch(model, 4, present=torch.ones(4, len(model.modalities), dtype=torch.bool), seed=9)
+    torch.testing.assert_close(
+        _eval_logits(model, noise_padding(batch, model)), ref, atol=ATOL, rtol=0
+    )
+    full = random_batch(
+        model, 4, present=torch.ones(4, len(model.modalities), dtype=torch.bool), seed=9
+    )
     _one_step_grads(model, full)
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"{name}: parameters without gradient: {dead[:8]}"

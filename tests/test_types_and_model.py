@@ -102,7 +102,9 @@ def test_noise_helpers_change_what_they_should():
 def test_encoder_runs_on_present_rows_only():
     calls = []
     model = create_model("late", modalities=("a", "b"), d_model=8, num_tokens=2)
-    model.encoders["a"].register_forward_hook(lambda mod, inp, out: calls.append(inp[0]["x"].shape[0]))
+    model.encoders["a"].register_forward_hook(
+        lambda mod, inp, out: calls.append(inp[0]["x"].shape[0])
+    )
     present = torch.tensor([[True, True], [False, True], [True, False]])
     model.eval()(random_batch(model, 3, present=present, seed=3))
     assert calls == [2]

@@ -36,9 +36,14 @@ DRILLABLE = {"ehr": "values", "ecg": "signal", "cxr": "image"}
 ECG_LEADS = CANONICAL_LEADS  # the lead order of the ECG inputs
 
 
-def input_integrated_gradients(model: MultimodalModel, batch: Batch, target: Target,
-                               modality: str, key: str | None = None,
-                               n_steps: int = 32) -> torch.Tensor:
+def input_integrated_gradients(
+    model: MultimodalModel,
+    batch: Batch,
+    target: Target,
+    modality: str,
+    key: str | None = None,
+    n_steps: int = 32,
+) -> torch.Tensor:
     """IG of the target log-odds w.r.t. ``batch.inputs[modality][key]`` (zero baseline).
 
     Args:
@@ -57,8 +62,9 @@ def input_integrated_gradients(model: MultimodalModel, batch: Batch, target: Tar
 
     x, forward = _input_forward(model, batch, target, modality, key)
     with torch.enable_grad():
-        attr = IntegratedGradients(forward).attribute(x, baselines=torch.zeros_like(x),
-                                                      n_steps=n_steps)
+        attr = IntegratedGradients(forward).attribute(
+            x, baselines=torch.zeros_like(x), n_steps=n_steps
+        )
     keep = batch.present_of(modality).view(len(batch), *([1] * (x.dim() - 1)))
     return torch.where(keep, attr.detach(), torch.zeros(()))
 
@@ -75,18 +81,25 @@ def _input_forward(model, batch: Batch, target: Target, modality: str, key: str 
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         reps = inp.shape[0] // B
-        inputs = {m: {k: torch.cat([v] * reps) for k, v in d.items()}
-                  for m, d in batch.inputs.items()}
+        inputs = {
+            m: {k: torch.cat([v] * reps) for k, v in d.items()} for m, d in batch.inputs.items()
+        }
         inputs[modality][key] = inp
-        big = replace(batch, inputs=inputs, present=batch.present.repeat(reps, 1), labels=None,
-                      ids=list(range(inp.shape[0])))
+        big = replace(
+            batch,
+            inputs=inputs,
+            present=batch.present.repeat(reps, 1),
+            labels=None,
+            ids=list(range(inp.shape[0])),
+        )
         return target.log_odds(model(big).logits.float())
 
     return batch.inputs[modality][key].float(), forward
 
 
-def ecg_occlusion(model: MultimodalModel, batch: Batch, target: Target,
-                  bins: int = 10) -> np.ndarray:
+def ecg_occlusion(
+    model: MultimodalModel, batch: Batch, target: Target, bins: int = 10
+) -> np.ndarray:
     """``(B, 12, bins)``: change in log-odds when one lead x time window is flattened to 0 mV.
 
     NaN for stays without an ECG. See the module docstring.
@@ -99,7 +112,7 @@ def ecg_occlusion(model: MultimodalModel, batch: Batch, target: Target,
     window = torch.zeros(S, dtype=torch.long)
     for b, idx in enumerate(edges):
         window[idx] = b
-    mask = (torch.arange(leads).view(leads, 1) * bins + window.view(1, S))  # (12, S)
+    mask = torch.arange(leads).view(leads, 1) * bins + window.view(1, S)  # (12, S)
     mask = mask.view(1, 1, leads, S).expand(1, N, leads, S)
     with torch.no_grad():
         attr = FeatureAblation(forward).attribute(x, baselines=0.0, feature_mask=mask)
@@ -112,10 +125,18 @@ def ecg_occlusion(model: MultimodalModel, batch: Batch, target: Target,
 def ehr_variables(attr: torch.Tensor, variables: list[str], ids: list[int]) -> pd.DataFrame:
     """``(B, L, V)`` EHR IG -> long table (stay_id, variable, attribution), summed over time."""
     per = attr.sum(1).numpy()  # (B, V)
-    names = list(variables) if len(variables) == per.shape[1] else \
-        [f"var{v}" for v in range(per.shape[1])]
-    return pd.DataFrame([{"stay_id": int(sid), "variable": n, "attribution": float(a)}
-                         for sid, row in zip(ids, per) for n, a in zip(names, row)])
+    names = (
+        list(variables)
+        if len(variables) == per.shape[1]
+        else [f"var{v}" for v in range(per.shape[1])]
+    )
+    return pd.DataFrame(
+        [
+            {"stay_id": int(sid), "variable": n, "attribution": float(a)}
+            for sid, row in zip(ids, per)
+            for n, a in zip(names, row)
+        ]
+    )
 
 
 def cxr_saliency(attr: torch.Tensor) -> np.ndarray:

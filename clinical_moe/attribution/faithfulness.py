@@ -65,8 +65,9 @@ def find_truth(cache_summary: dict) -> tuple[Path | None, str]:
 def load_truth(truth_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     """``truth/stays.csv.gz`` (latent factors per stay) and ``truth/effects.json``."""
     truth_dir = Path(truth_dir)
-    stays = pd.read_csv(truth_dir / "stays.csv.gz",
-                        usecols=["stay_id", "age", *FACTORS, "true_risk"])
+    stays = pd.read_csv(
+        truth_dir / "stays.csv.gz", usecols=["stay_id", "age", *FACTORS, "true_risk"]
+    )
     return stays, json.loads((truth_dir / "effects.json").read_text())
 
 
@@ -85,8 +86,9 @@ def carriers(effects: dict, modalities: tuple[str, ...]) -> dict[str, dict[str, 
     return out
 
 
-def true_effects(stays: pd.DataFrame, effects: dict, present: pd.DataFrame,
-                 modalities: tuple[str, ...]) -> pd.DataFrame:
+def true_effects(
+    stays: pd.DataFrame, effects: dict, present: pd.DataFrame, modalities: tuple[str, ...]
+) -> pd.DataFrame:
     """Per-stay true effect per modality (see the module docstring).
 
     Args:
@@ -117,8 +119,9 @@ def true_effects(stays: pd.DataFrame, effects: dict, present: pd.DataFrame,
         total = w.sum(1, keepdims=True)
         v = values.reindex(p.index).to_numpy(float)[:, None] * share  # (N, 1)
         out += np.divide(w * v, total, out=np.zeros_like(w), where=total > 0)
-    return pd.DataFrame({"stay_id": p.index, **{f"true_{m}": out[:, i]
-                                                for i, m in enumerate(modalities)}})
+    return pd.DataFrame(
+        {"stay_id": p.index, **{f"true_{m}": out[:, i] for i, m in enumerate(modalities)}}
+    )
 
 
 def stay_groups(stays: pd.DataFrame, severity_max: float = 0.5) -> pd.Series:
@@ -133,9 +136,14 @@ def stay_groups(stays: pd.DataFrame, severity_max: float = 0.5) -> pd.Series:
     return group
 
 
-def faithfulness(per_stay: pd.DataFrame, truth_dir: str | Path | None, modalities: tuple[str, ...],
-                 interactions: pd.DataFrame | None = None, reason: str = "",
-                 severity_max: float = 0.5) -> dict[str, pd.DataFrame]:
+def faithfulness(
+    per_stay: pd.DataFrame,
+    truth_dir: str | Path | None,
+    modalities: tuple[str, ...],
+    interactions: pd.DataFrame | None = None,
+    reason: str = "",
+    severity_max: float = 0.5,
+) -> dict[str, pd.DataFrame]:
     """Faithfulness figures of every attribution method in ``per_stay``.
 
     Args:
@@ -151,11 +159,19 @@ def faithfulness(per_stay: pd.DataFrame, truth_dir: str | Path | None, modalitie
         ``faithfulness_per_stay`` (group, true effects, per-stay Spearman per method).
     """
     if truth_dir is None:
-        row = {"method": "all", "metric": "status", "value": np.nan, "n_stays": 0,
-               "chance": np.nan, "oracle": np.nan,
-               "note": f"not available: {reason or 'no generative truth'}"}
-        return {"faithfulness": pd.DataFrame([row], columns=SUMMARY_COLUMNS),
-                "faithfulness_per_stay": pd.DataFrame(columns=["stay_id", "group"])}
+        row = {
+            "method": "all",
+            "metric": "status",
+            "value": np.nan,
+            "n_stays": 0,
+            "chance": np.nan,
+            "oracle": np.nan,
+            "note": f"not available: {reason or 'no generative truth'}",
+        }
+        return {
+            "faithfulness": pd.DataFrame([row], columns=SUMMARY_COLUMNS),
+            "faithfulness_per_stay": pd.DataFrame(columns=["stay_id", "group"]),
+        }
     stays, effects = load_truth(truth_dir)
     stays = stays.drop_duplicates("stay_id")
     known = per_stay[per_stay["stay_id"].isin(stays["stay_id"])]
@@ -166,8 +182,12 @@ def faithfulness(per_stay: pd.DataFrame, truth_dir: str | Path | None, modalitie
     has = df[has_cols].to_numpy(bool)
     true = df[[f"true_{m}" for m in modalities]].to_numpy(float)
     rows = []
-    methods = [m for m in METHODS if all(f"{m}_{x}" in df for x in modalities)
-               and np.isfinite(df[[f"{m}_{x}" for x in modalities]].to_numpy(float)).any()]
+    methods = [
+        m
+        for m in METHODS
+        if all(f"{m}_{x}" in df for x in modalities)
+        and np.isfinite(df[[f"{m}_{x}" for x in modalities]].to_numpy(float)).any()
+    ]
     for method in methods:
         attr = df[[f"{method}_{m}" for m in modalities]].to_numpy(float)
         for name, (_, modality) in GROUPS.items():
@@ -177,31 +197,58 @@ def faithfulness(per_stay: pd.DataFrame, truth_dir: str | Path | None, modalitie
             sel = (df["group"] == name).to_numpy() & has[:, j] & (has.sum(1) >= 2)
             top = np.where(has, np.nan_to_num(attr, nan=-np.inf), -np.inf)[sel].argmax(1) == j
             best = np.where(has, true, -np.inf)[sel].argmax(1) == j
-            rows.append({"method": method, "metric": f"{name}_{modality}_top1",
-                         "value": float(top.mean()) if sel.any() else np.nan,
-                         "n_stays": int(sel.sum()),
-                         "chance": float((1.0 / has[sel].sum(1)).mean()) if sel.any() else np.nan,
-                         "oracle": float(best.mean()) if sel.any() else np.nan, "note": ""})
+            rows.append(
+                {
+                    "method": method,
+                    "metric": f"{name}_{modality}_top1",
+                    "value": float(top.mean()) if sel.any() else np.nan,
+                    "n_stays": int(sel.sum()),
+                    "chance": float((1.0 / has[sel].sum(1)).mean()) if sel.any() else np.nan,
+                    "oracle": float(best.mean()) if sel.any() else np.nan,
+                    "note": "",
+                }
+            )
         ok = has & np.isfinite(attr)
         rho = spearmanr(true[ok], attr[ok]).statistic if ok.sum() >= 3 else np.nan
-        rows.append({"method": method, "metric": "spearman_pooled", "value": float(rho),
-                     "n_stays": int(ok.any(1).sum()), "chance": 0.0, "oracle": 1.0,
-                     "note": "stay x modality"})
+        rows.append(
+            {
+                "method": method,
+                "metric": "spearman_pooled",
+                "value": float(rho),
+                "n_stays": int(ok.any(1).sum()),
+                "chance": 0.0,
+                "oracle": 1.0,
+                "note": "stay x modality",
+            }
+        )
         per = np.full(len(df), np.nan)
         for i in np.flatnonzero(ok.sum(1) >= 3):
             t, a = true[i, ok[i]], attr[i, ok[i]]
             if np.ptp(t) > 0 and np.ptp(a) > 0:
                 per[i] = spearmanr(t, a).statistic
         df[f"spearman_{method}"] = per
-        rows.append({"method": method, "metric": "spearman_per_stay",
-                     "value": float(np.nanmean(per)) if np.isfinite(per).any() else np.nan,
-                     "n_stays": int(np.isfinite(per).sum()), "chance": 0.0, "oracle": 1.0,
-                     "note": "mean over stays with >= 3 modalities"})
+        rows.append(
+            {
+                "method": method,
+                "metric": "spearman_per_stay",
+                "value": float(np.nanmean(per)) if np.isfinite(per).any() else np.nan,
+                "n_stays": int(np.isfinite(per).sum()),
+                "chance": 0.0,
+                "oracle": 1.0,
+                "note": "mean over stays with >= 3 modalities",
+            }
+        )
     rows += _synergy_rows(stays, interactions, df, modalities)
-    keep = ["stay_id", "group", *[f"true_{m}" for m in modalities],
-            *[f"spearman_{m}" for m in methods]]
-    return {"faithfulness": pd.DataFrame(rows, columns=SUMMARY_COLUMNS),
-            "faithfulness_per_stay": df[keep].reset_index(drop=True)}
+    keep = [
+        "stay_id",
+        "group",
+        *[f"true_{m}" for m in modalities],
+        *[f"spearman_{m}" for m in methods],
+    ]
+    return {
+        "faithfulness": pd.DataFrame(rows, columns=SUMMARY_COLUMNS),
+        "faithfulness_per_stay": df[keep].reset_index(drop=True),
+    }
 
 
 def _synergy_rows(stays, interactions, df, modalities) -> list[dict]:
@@ -214,7 +261,15 @@ def _synergy_rows(stays, interactions, df, modalities) -> list[dict]:
     both = (x["pulmonary"] == 1) & (x["infection"] == 1) & x["has_cxr"] & x["has_ehr"]
     out = []
     for name, sel in (("synergy_weight_pulm_x_inf", both), ("synergy_weight_other", ~both)):
-        out.append({"method": "i2moe", "metric": name,
-                    "value": float(x.loc[sel, "synergy"].mean()) if sel.any() else np.nan,
-                    "n_stays": int(sel.sum()), "chance": np.nan, "oracle": np.nan, "note": ""})
+        out.append(
+            {
+                "method": "i2moe",
+                "metric": name,
+                "value": float(x.loc[sel, "synergy"].mean()) if sel.any() else np.nan,
+                "n_stays": int(sel.sum()),
+                "chance": np.nan,
+                "oracle": np.nan,
+                "note": "",
+            }
+        )
     return out

@@ -28,8 +28,12 @@ from clinical_moe.model import MultimodalModel
 from clinical_moe.types import Batch, ModalityTokens
 
 
-def restrict_tokens(tokens: Mapping[str, ModalityTokens], modalities: tuple[str, ...],
-                    rows: torch.Tensor | None, present: torch.Tensor) -> dict[str, ModalityTokens]:
+def restrict_tokens(
+    tokens: Mapping[str, ModalityTokens],
+    modalities: tuple[str, ...],
+    rows: torch.Tensor | None,
+    present: torch.Tensor,
+) -> dict[str, ModalityTokens]:
     """Encoder outputs of ``rows`` as :meth:`MultimodalModel.encode` gives them under ``present``.
 
     Args:
@@ -79,8 +83,13 @@ class PresenceGame:
         tokens: The batch's encoder outputs, if already computed (saves one encoder pass).
     """
 
-    def __init__(self, model: MultimodalModel, batch: Batch, target: Target,
-                 tokens: dict[str, ModalityTokens] | None = None) -> None:
+    def __init__(
+        self,
+        model: MultimodalModel,
+        batch: Batch,
+        target: Target,
+        tokens: dict[str, ModalityTokens] | None = None,
+    ) -> None:
         if model.training:
             raise ValueError("attribution needs the model in eval mode (call model.eval())")
         self.model, self.head, self.target = model, model.head, target
@@ -90,8 +99,9 @@ class PresenceGame:
         if tokens is None:
             with torch.no_grad():
                 tokens = model.encode(batch)
-        self.tokens = {m: ModalityTokens(t.tokens.detach(), t.mask, t.times)
-                       for m, t in tokens.items()}
+        self.tokens = {
+            m: ModalityTokens(t.tokens.detach(), t.mask, t.times) for m, t in tokens.items()
+        }
         self.device = next(iter(self.tokens.values())).tokens.device
         self.bits = coalition_bits(self.num_modalities)  # (M,)
         self.natural_code = (self.natural.long() * self.bits).sum(1)  # (B,)

@@ -47,9 +47,9 @@ def _head_forward(game: PresenceGame):
     return forward
 
 
-def modality_integrated_gradients(game: PresenceGame, n_steps: int = 32,
-                                  internal_batch_size: int | None = 256
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def modality_integrated_gradients(
+    game: PresenceGame, n_steps: int = 32, internal_batch_size: int | None = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IG of the target log-odds w.r.t. each modality's tokens, summed per modality.
 
     Args:
@@ -74,8 +74,13 @@ def modality_integrated_gradients(game: PresenceGame, n_steps: int = 32,
         ibs = max(internal_batch_size, game.batch_size)  # captum needs >= one stay per step
     with torch.enable_grad():
         attrs, delta = IntegratedGradients(forward).attribute(
-            inputs, baselines=baselines, additional_forward_args=(*masks, present),
-            n_steps=n_steps, internal_batch_size=ibs, return_convergence_delta=True)
+            inputs,
+            baselines=baselines,
+            additional_forward_args=(*masks, present),
+            n_steps=n_steps,
+            internal_batch_size=ibs,
+            return_convergence_delta=True,
+        )
     per_mod = torch.stack([a.detach().float().sum(dim=(1, 2)).cpu() for a in attrs], 1)  # (B, M)
     with torch.no_grad():
         base = forward(*baselines, *masks, present).cpu()  # (B,)

@@ -56,14 +56,17 @@ class InteractionWeights:
         w = w.detach().float().cpu().numpy()  # (B, K)
         self.names = self.names or expert_names(self.head, self.modalities, w.shape[1])
         for sid, pattern, row in zip(ids, pattern_names(present, self.modalities), w):
-            self.rows.append({"stay_id": int(sid), "pattern": pattern,
-                              **dict(zip(self.names, row.tolist()))})
+            self.rows.append(
+                {"stay_id": int(sid), "pattern": pattern, **dict(zip(self.names, row.tolist()))}
+            )
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``interactions`` and ``interaction_summary`` (empty when the head has no weights)."""
         if not self.rows:
-            return {"interactions": pd.DataFrame(columns=["stay_id", "pattern"]),
-                    "interaction_summary": pd.DataFrame(columns=["group", "n_stays"])}
+            return {
+                "interactions": pd.DataFrame(columns=["stay_id", "pattern"]),
+                "interaction_summary": pd.DataFrame(columns=["group", "n_stays"]),
+            }
         per = pd.DataFrame(self.rows)
         summary = [_mean_weights(per, self.names, self.modalities, "all")]
         for pattern, part in per.groupby("pattern", sort=True):

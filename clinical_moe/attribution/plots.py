@@ -14,12 +14,21 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-LABELS = {"shapley": "Shapley (log-odds)", "ig": "Integrated Gradients (log-odds)",
-          "ablation": "drop-one ablation (risk)"}
+LABELS = {
+    "shapley": "Shapley (log-odds)",
+    "ig": "Integrated Gradients (log-odds)",
+    "ablation": "drop-one ablation (risk)",
+}
 
 
-def _heatmap(ax, data: pd.DataFrame, title: str, fmt: str = "{:.2f}", cmap: str = "viridis",
-             center: bool = False) -> None:
+def _heatmap(
+    ax,
+    data: pd.DataFrame,
+    title: str,
+    fmt: str = "{:.2f}",
+    cmap: str = "viridis",
+    center: bool = False,
+) -> None:
     values = data.to_numpy(float)
     kw = {}
     if center and np.isfinite(values).any():
@@ -31,8 +40,15 @@ def _heatmap(ax, data: pd.DataFrame, title: str, fmt: str = "{:.2f}", cmap: str 
     if values.size <= 400:
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w"
-                        if not center else "k")
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(v),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w" if not center else "k",
+                )
     ax.set_title(title, fontsize=10)
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
@@ -45,8 +61,14 @@ def importance_figure(summary: pd.DataFrame):
     for ax, method in zip(axes[0], methods):
         part = summary[summary["method"] == method]
         ax.bar(part["modality"], part["mean_abs"], color="tab:blue", label="stays with it")
-        ax.bar(part["modality"], part["mean_abs_all"], color="tab:orange", alpha=0.7,
-               width=0.5, label="all stays (absent = 0)")
+        ax.bar(
+            part["modality"],
+            part["mean_abs_all"],
+            color="tab:orange",
+            alpha=0.7,
+            width=0.5,
+            label="all stays (absent = 0)",
+        )
         ax.set_title(f"mean |{LABELS[method]}|", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -65,8 +87,7 @@ def pattern_figure(patterns: pd.DataFrame, method: str = "shapley", modalities=N
     grid.index = [f"{p} (n={n[p]})" for p in grid.index]
     fig = Figure(figsize=(6, 0.45 * len(grid) + 1.8))
     ax = fig.subplots()
-    _heatmap(ax, grid, f"mean {LABELS[method]} by missingness pattern", cmap="RdBu_r",
-             center=True)
+    _heatmap(ax, grid, f"mean {LABELS[method]} by missingness pattern", cmap="RdBu_r", center=True)
     fig.tight_layout()
     return fig
 
@@ -104,8 +125,9 @@ def interaction_figure(summary: pd.DataFrame):
     return fig
 
 
-def faithfulness_figure(faith: pd.DataFrame, per_stay: pd.DataFrame, truth: pd.DataFrame,
-                        modalities):
+def faithfulness_figure(
+    faith: pd.DataFrame, per_stay: pd.DataFrame, truth: pd.DataFrame, modalities
+):
     """Top-1 shares of the single-factor groups against chance, and true effect vs Shapley."""
     top = faith[faith["metric"].str.endswith("_top1")]
     if top.empty or truth.empty:
@@ -120,11 +142,23 @@ def faithfulness_figure(faith: pd.DataFrame, per_stay: pd.DataFrame, truth: pd.D
         xs = np.arange(len(metrics)) + k * width
         axes[0].bar(xs, part["value"], width, label=method)
         for x, n in zip(xs, part["n_stays"]):
-            axes[0].text(x, 0.02, f"n={int(n) if np.isfinite(n) else 0}", ha="center",
-                         fontsize=7, rotation=90)
+            axes[0].text(
+                x,
+                0.02,
+                f"n={int(n) if np.isfinite(n) else 0}",
+                ha="center",
+                fontsize=7,
+                rotation=90,
+            )
     chance = top.groupby("metric")["chance"].first().reindex(metrics)
-    axes[0].scatter(np.arange(len(metrics)) + 0.4 - width / 2, chance, marker="_", s=600,
-                    color="k", label="chance")
+    axes[0].scatter(
+        np.arange(len(metrics)) + 0.4 - width / 2,
+        chance,
+        marker="_",
+        s=600,
+        color="k",
+        label="chance",
+    )
     axes[0].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics, fontsize=8)
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("share where the carrying modality ranks first", fontsize=10)
@@ -134,8 +168,12 @@ def faithfulness_figure(faith: pd.DataFrame, per_stay: pd.DataFrame, truth: pd.D
         sel = df[f"has_{m}"].astype(bool)
         axes[1].scatter(df.loc[sel, f"true_{m}"], df.loc[sel, f"shapley_{m}"], s=10, label=m)
     rho = faith[(faith["method"] == "shapley") & (faith["metric"] == "spearman_pooled")]["value"]
-    axes[1].set_title(f"true effect vs Shapley (Spearman {float(rho.iloc[0]):.2f})"
-                      if len(rho) else "true effect vs Shapley", fontsize=10)
+    axes[1].set_title(
+        f"true effect vs Shapley (Spearman {float(rho.iloc[0]):.2f})"
+        if len(rho)
+        else "true effect vs Shapley",
+        fontsize=10,
+    )
     axes[1].set_xlabel("true effect (log-odds)")
     axes[1].set_ylabel("Shapley value (log-odds)")
     axes[1].axhline(0, color="grey", lw=0.5)
@@ -159,8 +197,11 @@ def stay_figure(per_stay: pd.DataFrame, stay_id: int, modalities):
     ax.set_xticks(x, [m if row[f"has_{m}"] else f"{m}\n(absent)" for m in modalities])
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_ylabel("log-odds")
-    ax.set_title(f"stay {stay_id}: risk {row['risk']:.3f} (prevalence "
-                 f"{1 / (1 + np.exp(-row['base_log_odds'])):.3f})", fontsize=10)
+    ax.set_title(
+        f"stay {stay_id}: risk {row['risk']:.3f} (prevalence "
+        f"{1 / (1 + np.exp(-row['base_log_odds'])):.3f})",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -172,8 +213,14 @@ def ecg_occlusion_figure(occlusion: np.ndarray, leads, stay_id: int):
     grid = pd.DataFrame(occlusion, index=list(leads), columns=[f"{k + 1}/{n}" for k in range(n)])
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
-    _heatmap(ax, grid, f"stay {stay_id}: ECG occlusion (log-odds drop when flattened)",
-             fmt="{:.3f}", cmap="RdBu_r", center=True)
+    _heatmap(
+        ax,
+        grid,
+        f"stay {stay_id}: ECG occlusion (log-odds drop when flattened)",
+        fmt="{:.3f}",
+        cmap="RdBu_r",
+        center=True,
+    )
     ax.set_xlabel("time window")
     fig.tight_layout()
     return fig

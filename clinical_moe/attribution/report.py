@@ -52,21 +52,27 @@ def _png(fig) -> bytes:
 
 def make_figures(tables: dict[str, pd.DataFrame], modalities) -> dict[str, bytes]:
     """PNG bytes of every figure that applies to these tables."""
-    figs = {"importance": plots.importance_figure(tables["modality_summary"]),
-            "patterns": plots.pattern_figure(tables["pattern_summary"], modalities=modalities)}
+    figs = {
+        "importance": plots.importance_figure(tables["modality_summary"]),
+        "patterns": plots.pattern_figure(tables["pattern_summary"], modalities=modalities),
+    }
     figs.update(plots.routing_figures(tables["routing_by_modality"], tables["routing_by_pattern"]))
     figs["interactions"] = plots.interaction_figure(tables["interaction_summary"])
     truth = tables.get("faithfulness_per_stay", pd.DataFrame())
     if "faithfulness" in tables and not truth.empty:
         figs["faithfulness"] = plots.faithfulness_figure(
-            tables["faithfulness"], tables["per_stay"],
-            truth[["stay_id", *[f"true_{m}" for m in modalities]]], modalities)
+            tables["faithfulness"],
+            tables["per_stay"],
+            truth[["stay_id", *[f"true_{m}" for m in modalities]]],
+            modalities,
+        )
     return {k: _png(f) for k, f in figs.items() if f is not None}
 
 
 def _table(df: pd.DataFrame, max_rows: int = 60) -> str:
-    return df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4g}",
-                                     na_rep="–", border=0)
+    return df.head(max_rows).to_html(
+        index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0
+    )
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -82,46 +88,62 @@ def high_risk_stays(per_stay: pd.DataFrame, modalities, n: int = 10) -> pd.DataF
     return per_stay.sort_values("risk", ascending=False, kind="stable").head(n)[cols]
 
 
-def write_html(path: str | Path, tables: dict[str, pd.DataFrame], figures: dict[str, bytes],
-               info: dict, modalities) -> Path:
+def write_html(
+    path: str | Path,
+    tables: dict[str, pd.DataFrame],
+    figures: dict[str, bytes],
+    info: dict,
+    modalities,
+) -> Path:
     """The self-contained HTML report (see the module docstring)."""
     path = Path(path)
     esc = html.escape
     prev = float(info.get("prevalence", float("nan")))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Attribution report "
-             f"{esc(str(info.get('run', '')))}</title><style>{_CSS}</style></head><body>",
-             f"<h1>Modality attributions: {esc(str(info.get('run', '')))}</h1>",
-             _table(pd.DataFrame({"key": list(info), "value": [str(v) for v in info.values()]})),
-             METHODS_TEXT.format(target=esc(str(info.get("target", ""))), prev=prev),
-             "<h2>Mean |attribution| per modality</h2>",
-             _img(figures.get("importance"), "importance"),
-             _table(tables["modality_summary"]),
-             "<h2>By missingness pattern</h2>", _img(figures.get("patterns"), "patterns"),
-             _table(tables["pattern_summary"][tables["pattern_summary"]["method"] == "shapley"])]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Attribution report "
+        f"{esc(str(info.get('run', '')))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Modality attributions: {esc(str(info.get('run', '')))}</h1>",
+        _table(pd.DataFrame({"key": list(info), "value": [str(v) for v in info.values()]})),
+        METHODS_TEXT.format(target=esc(str(info.get("target", ""))), prev=prev),
+        "<h2>Mean |attribution| per modality</h2>",
+        _img(figures.get("importance"), "importance"),
+        _table(tables["modality_summary"]),
+        "<h2>By missingness pattern</h2>",
+        _img(figures.get("patterns"), "patterns"),
+        _table(tables["pattern_summary"][tables["pattern_summary"]["method"] == "shapley"]),
+    ]
     routing = [k for k in sorted(figures) if k.startswith("routing_layer")]
     parts.append("<h2>Routing</h2>")
     if routing:
         parts += [_img(figures[k], k) for k in routing]
         parts.append(_table(tables["routing_specialisation"]))
     else:
-        parts.append("<p class='note'>This head has no token router "
-                     "(no router probabilities in its gates).</p>")
+        parts.append(
+            "<p class='note'>This head has no token router "
+            "(no router probabilities in its gates).</p>"
+        )
     if not tables["interaction_summary"].empty:
-        parts += ["<h2>I2MoE interaction weights</h2>",
-                  _img(figures.get("interactions"), "interactions"),
-                  _table(tables["interaction_summary"])]
-    parts += ["<h2>Faithfulness against the synthetic truth</h2>",
-              _img(figures.get("faithfulness"), "faithfulness"), _table(tables["faithfulness"]),
-              "<h2>Highest-risk stays (by stay id)</h2>",
-              _table(high_risk_stays(tables["per_stay"], modalities)),
-              "</body></html>"]
+        parts += [
+            "<h2>I2MoE interaction weights</h2>",
+            _img(figures.get("interactions"), "interactions"),
+            _table(tables["interaction_summary"]),
+        ]
+    parts += [
+        "<h2>Faithfulness against the synthetic truth</h2>",
+        _img(figures.get("faithfulness"), "faithfulness"),
+        _table(tables["faithfulness"]),
+        "<h2>Highest-risk stays (by stay id)</h2>",
+        _table(high_risk_stays(tables["per_stay"], modalities)),
+        "</body></html>",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
 
 
-def write_report(out: str | Path, tables: dict[str, pd.DataFrame], info: dict,
-                 modalities) -> dict[str, Path]:
+def write_report(
+    out: str | Path, tables: dict[str, pd.DataFrame], info: dict, modalities
+) -> dict[str, Path]:
     """Tables, figures and ``report.html`` under ``out``; returns their locations."""
     out = Path(out)
     save_tables(tables, out / "tables")

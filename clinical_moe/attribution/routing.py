@@ -43,8 +43,10 @@ STATUSES = ("observed", "filled")
 
 def pattern_names(present: torch.Tensor, modalities: tuple[str, ...]) -> list[str]:
     """``BoolTensor[B, M]`` -> one label per stay, e.g. ``"ehr+ecg"`` (modality order)."""
-    return ["+".join(m for m, p in zip(modalities, row) if p) or "none"
-            for row in present.cpu().tolist()]
+    return [
+        "+".join(m for m, p in zip(modalities, row) if p) or "none"
+        for row in present.cpu().tolist()
+    ]
 
 
 def token_layout(gates: dict, tokens: dict, modalities: tuple[str, ...], T: int):
@@ -103,14 +105,16 @@ class RoutingAnalysis:
             if match is None or probs.dim() != 3:
                 continue
             layer = int(match.group(1))
-            self._layer(layer, gates, probs.detach().float().cpu(), tokens, present.cpu(),
-                        patterns, ids)
+            self._layer(
+                layer, gates, probs.detach().float().cpu(), tokens, present.cpu(), patterns, ids
+            )
 
     def _layer(self, layer, gates, probs, tokens, present, patterns, ids) -> None:
         B, T, E = probs.shape
         if self.num_experts.setdefault(layer, E) != E:
-            raise ValueError(f"layer {layer}: {E} experts, earlier batches had "
-                             f"{self.num_experts[layer]}")
+            raise ValueError(
+                f"layer {layer}: {E} experts, earlier batches had {self.num_experts[layer]}"
+            )
         idx = gates.get(f"layer{layer}/topk", gates.get(f"layer{layer}/topk_idx"))
         routed = probs.sum(-1) > 0  # (B, T)
         if idx is not None and idx.dim() == 3 and tuple(idx.shape[:2]) == (B, T):
@@ -119,7 +123,8 @@ class RoutingAnalysis:
         else:
             idx = probs.argmax(-1, keepdim=True)  # (B, T, 1)
         hits = torch.zeros(B, T, E).scatter_add(
-            2, idx.clamp(0, E - 1), (idx >= 0).float())  # (B, T, E) top-k counts
+            2, idx.clamp(0, E - 1), (idx >= 0).float()
+        )  # (B, T, E) top-k counts
         top1 = probs.argmax(-1)  # (B, T)
         layout = token_layout(gates, tokens, self.modalities, T)
         if layout is None:
@@ -138,19 +143,23 @@ class RoutingAnalysis:
         for b in range(B):
             for m in tm.unique().tolist():
                 cols = (tm == m) & routed[b]
-                for status, sel in (("observed", cols & observed[b]),
-                                    ("filled", cols & ~observed[b])):
+                for status, sel in (
+                    ("observed", cols & observed[b]),
+                    ("filled", cols & ~observed[b]),
+                ):
                     if not bool(sel.any()):
                         continue
                     key = (layer, mod_names[m], status)
                     self.by_modality.setdefault(key, _Acc(E)).add(
-                        probs[b, sel].numpy(), hits[b, sel].numpy())
+                        probs[b, sel].numpy(), hits[b, sel].numpy()
+                    )
             sel = observed[b]
             if not bool(sel.any()):
                 continue
             key = (layer, patterns[b])
-            self.by_pattern.setdefault(key, _Acc(E)).add(probs[b, sel].numpy(),
-                                                          hits[b, sel].numpy())
+            self.by_pattern.setdefault(key, _Acc(E)).add(
+                probs[b, sel].numpy(), hits[b, sel].numpy()
+            )
             self.stays_by_pattern[key].add(ids[b])
             counts = self.top1_pattern[layer].setdefault(patterns[b], np.zeros(E))
             counts += np.bincount(top1[b, sel].numpy(), minlength=E)
@@ -167,38 +176,76 @@ class RoutingAnalysis:
             std = np.sqrt(np.maximum(acc.p2 / acc.n - mean**2, 0.0))
             share = acc.hits / max(acc.hits.sum(), 1.0)
             for e in range(len(mean)):
-                rows.append({**dict(zip(names, key)), "expert": e, "mean_prob": mean[e],
-                             "std_prob": std[e], "topk_share": share[e], "n_tokens": acc.n})
+                rows.append(
+                    {
+                        **dict(zip(names, key)),
+                        "expert": e,
+                        "mean_prob": mean[e],
+                        "std_prob": std[e],
+                        "topk_share": share[e],
+                        "n_tokens": acc.n,
+                    }
+                )
         return rows
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``routing_by_modality``, ``routing_by_pattern``, ``routing_specialisation`` (empty
         DataFrames for heads without routing)."""
-        by_mod = pd.DataFrame(self._rows(self.by_modality, ("layer", "modality", "status")),
-                              columns=["layer", "modality", "status", "expert", "mean_prob",
-                                       "std_prob", "topk_share", "n_tokens"])
-        by_pat = pd.DataFrame(self._rows(self.by_pattern, ("layer", "pattern")),
-                              columns=["layer", "pattern", "expert", "mean_prob", "std_prob",
-                                       "topk_share", "n_tokens"])
-        by_pat["n_stays"] = [len(self.stays_by_pattern[(r.layer, r.pattern)])
-                             for r in by_pat.itertuples()]
+        by_mod = pd.DataFrame(
+            self._rows(self.by_modality, ("layer", "modality", "status")),
+            columns=[
+                "layer",
+                "modality",
+                "status",
+                "expert",
+                "mean_prob",
+                "std_prob",
+                "topk_share",
+                "n_tokens",
+            ],
+        )
+        by_pat = pd.DataFrame(
+            self._rows(self.by_pattern, ("layer", "pattern")),
+            columns=[
+                "layer",
+                "pattern",
+                "expert",
+                "mean_prob",
+                "std_prob",
+                "topk_share",
+                "n_tokens",
+            ],
+        )
+        by_pat["n_stays"] = [
+            len(self.stays_by_pattern[(r.layer, r.pattern)]) for r in by_pat.itertuples()
+        ]
         spec = []
         for layer, E in sorted(self.num_experts.items()):
             load = by_mod[(by_mod.layer == layer) & (by_mod.status == "observed")]
             load = load.assign(h=load.topk_share * load.n_tokens).groupby("expert").h.sum()
-            pat = np.array(list(self.top1_pattern[layer].values())) if self.top1_pattern[layer] \
+            pat = (
+                np.array(list(self.top1_pattern[layer].values()))
+                if self.top1_pattern[layer]
                 else np.zeros((0, E))
-            spec.append({
-                "layer": layer, "num_experts": E,
-                "nmi_modality": _nmi(self.top1_modality.get(layer)),
-                "nmi_pattern": _nmi(pat),
-                "load_entropy": float(entropy(load.to_numpy()) / np.log(E))
-                if E > 1 and load.sum() > 0 else float("nan"),
-                "n_tokens": int(pat.sum()),
-            })
+            )
+            spec.append(
+                {
+                    "layer": layer,
+                    "num_experts": E,
+                    "nmi_modality": _nmi(self.top1_modality.get(layer)),
+                    "nmi_pattern": _nmi(pat),
+                    "load_entropy": float(entropy(load.to_numpy()) / np.log(E))
+                    if E > 1 and load.sum() > 0
+                    else float("nan"),
+                    "n_tokens": int(pat.sum()),
+                }
+            )
         cols = ["layer", "num_experts", "nmi_modality", "nmi_pattern", "load_entropy", "n_tokens"]
-        return {"routing_by_modality": by_mod, "routing_by_pattern": by_pat,
-                "routing_specialisation": pd.DataFrame(spec, columns=cols)}
+        return {
+            "routing_by_modality": by_mod,
+            "routing_by_pattern": by_pat,
+            "routing_specialisation": pd.DataFrame(spec, columns=cols),
+        }
 
 
 def _nmi(contingency: np.ndarray | None) -> float:

@@ -38,8 +38,13 @@ def _feature_mask(num_modalities: int) -> torch.Tensor:
     return torch.arange(num_modalities).view(1, num_modalities)  # one feature per modality
 
 
-def modality_shapley(game: PresenceGame, table: torch.Tensor | None = None,
-                     exact: bool | None = None, n_samples: int = 64, seed: int = 0) -> torch.Tensor:
+def modality_shapley(
+    game: PresenceGame,
+    table: torch.Tensor | None = None,
+    exact: bool | None = None,
+    n_samples: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
     """Shapley value of each modality for each stay of the game's batch, in log-odds.
 
     Args:
@@ -61,12 +66,14 @@ def modality_shapley(game: PresenceGame, table: torch.Tensor | None = None,
     if exact:
         table = game.coalition_table() if table is None else table
         phi = ShapleyValues(game.lookup(table)).attribute(
-            x, baselines=0.0, feature_mask=mask, perturbations_per_eval=M)
+            x, baselines=0.0, feature_mask=mask, perturbations_per_eval=M
+        )
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             phi = ShapleyValueSampling(game.forward).attribute(
-                x, baselines=0.0, feature_mask=mask, n_samples=n_samples)
+                x, baselines=0.0, feature_mask=mask, n_samples=n_samples
+            )
     return torch.where(game.natural, phi.float(), torch.zeros(()))  # null players: exactly 0
 
 
@@ -89,7 +96,7 @@ def modality_ablation(game: PresenceGame, table: torch.Tensor | None = None) -> 
     else:
         forward = lambda x: torch.sigmoid(game.forward(x))  # noqa: E731
     delta = FeatureAblation(forward).attribute(
-        game.natural.float(), baselines=0.0, feature_mask=_feature_mask(M),
-        perturbations_per_eval=M)
+        game.natural.float(), baselines=0.0, feature_mask=_feature_mask(M), perturbations_per_eval=M
+    )
     droppable = game.natural & (game.natural.sum(1, keepdim=True) >= 2)  # (B, M)
     return torch.where(droppable, delta.float(), torch.full((), float("nan")))

@@ -55,8 +55,14 @@ def _target_labels(batch: Batch, target: Target) -> list[float]:
     return y[:, min(target.index, y.shape[1] - 1)].tolist()
 
 
-def attribute_batch(model: MultimodalModel, batch: Batch, target: Target, ig_steps: int = 32,
-                    shapley_samples: int = 64, seed: int = 0) -> tuple[dict, dict]:
+def attribute_batch(
+    model: MultimodalModel,
+    batch: Batch,
+    target: Target,
+    ig_steps: int = 32,
+    shapley_samples: int = 64,
+    seed: int = 0,
+) -> tuple[dict, dict]:
     """All per-stay attributions of one batch.
 
     Args:
@@ -105,10 +111,17 @@ def attribute_batch(model: MultimodalModel, batch: Batch, target: Target, ig_ste
     return cols, {**out.gates, "_tokens": tokens}
 
 
-def attribute_dataset(model: MultimodalModel, dataset: CachedDataset, target: Target,
-                      indices: Sequence[int] | None = None, batch_size: int = 64,
-                      ig_steps: int = 32, shapley_samples: int = 64, seed: int = 0,
-                      quiet: bool = False) -> dict[str, pd.DataFrame]:
+def attribute_dataset(
+    model: MultimodalModel,
+    dataset: CachedDataset,
+    target: Target,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+    ig_steps: int = 32,
+    shapley_samples: int = 64,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, pd.DataFrame]:
     """Attribute the stays of ``dataset`` (or ``indices`` of it) and build every table.
 
     Args:
@@ -143,9 +156,13 @@ def attribute_dataset(model: MultimodalModel, dataset: CachedDataset, target: Ta
         routing.update(gates, tokens, batch.present, batch.ids)
         inter.update(gates, batch.present, batch.ids)
     per_stay = pd.DataFrame(columns)
-    return {"per_stay": per_stay, "modality_summary": modality_summary(per_stay, mods),
-            "pattern_summary": pattern_summary(per_stay, mods), **routing.tables(),
-            **inter.tables()}
+    return {
+        "per_stay": per_stay,
+        "modality_summary": modality_summary(per_stay, mods),
+        "pattern_summary": pattern_summary(per_stay, mods),
+        **routing.tables(),
+        **inter.tables(),
+    }
 
 
 def _attr(df: pd.DataFrame, method: str, mods) -> np.ndarray:
@@ -168,13 +185,20 @@ def modality_summary(per_stay: pd.DataFrame, modalities: Sequence[str]) -> pd.Da
             sel = has[:, j]
             vals = a[sel, j]
             ranked = sel & multi
-            rows.append({
-                "method": method, "unit": UNITS[method], "modality": m, "n_present": int(sel.sum()),
-                "mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan,
-                "mean_abs": float(np.nanmean(np.abs(vals))) if np.isfinite(vals).any() else np.nan,
-                "mean_abs_all": float(mag[:, j].mean()) if len(mag) else np.nan,
-                "top1_share": float((top[ranked] == j).mean()) if ranked.any() else np.nan,
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "unit": UNITS[method],
+                    "modality": m,
+                    "n_present": int(sel.sum()),
+                    "mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan,
+                    "mean_abs": float(np.nanmean(np.abs(vals)))
+                    if np.isfinite(vals).any()
+                    else np.nan,
+                    "mean_abs_all": float(mag[:, j].mean()) if len(mag) else np.nan,
+                    "top1_share": float((top[ranked] == j).mean()) if ranked.any() else np.nan,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -188,10 +212,17 @@ def pattern_summary(per_stay: pd.DataFrame, modalities: Sequence[str]) -> pd.Dat
                     continue
                 vals = part[f"{method}_{m}"].to_numpy(float)
                 finite = np.isfinite(vals).any()
-                rows.append({"pattern": pattern, "n_stays": len(part),
-                             "mean_risk": float(part["risk"].mean()), "method": method,
-                             "modality": m,
-                             "mean": float(np.nanmean(vals)) if finite else np.nan,
-                             "mean_abs": float(np.nanmean(np.abs(vals))) if finite else np.nan})
-    return pd.DataFrame(rows, columns=["pattern", "n_stays", "mean_risk", "method", "modality",
-                                       "mean", "mean_abs"])
+                rows.append(
+                    {
+                        "pattern": pattern,
+                        "n_stays": len(part),
+                        "mean_risk": float(part["risk"].mean()),
+                        "method": method,
+                        "modality": m,
+                        "mean": float(np.nanmean(vals)) if finite else np.nan,
+                        "mean_abs": float(np.nanmean(np.abs(vals))) if finite else np.nan,
+                    }
+                )
+    return pd.DataFrame(
+        rows, columns=["pattern", "n_stays", "mean_risk", "method", "modality", "mean", "mean_abs"]
+    )

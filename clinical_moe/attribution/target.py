@@ -56,7 +56,8 @@ class Target:
         """``logits (B, C)`` -> ``(B,)`` log-odds of the target (see the module docstring)."""
         if logits.dim() != 2 or self.index >= logits.shape[1]:
             raise ValueError(
-                f"target index {self.index} does not fit logits of shape {tuple(logits.shape)}")
+                f"target index {self.index} does not fit logits of shape {tuple(logits.shape)}"
+            )
         if self.task != "multiclass":
             return logits[:, self.index]
         keep = torch.arange(logits.shape[1], device=logits.device) != self.index
@@ -74,8 +75,12 @@ def prevalence_log_odds(p: float, eps: float = 1e-4) -> float:
     return math.log(p / (1.0 - p))
 
 
-def make_target(task: str, train_labels: np.ndarray, index: int | None = None,
-                label_names: list[str] | None = None) -> Target:
+def make_target(
+    task: str,
+    train_labels: np.ndarray,
+    index: int | None = None,
+    label_names: list[str] | None = None,
+) -> Target:
     """The :class:`Target` of a task, with ``v(empty)`` from the training labels.
 
     Args:

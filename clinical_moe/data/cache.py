@@ -31,6 +31,7 @@ from clinical_moe.data.store import shard_dir, write_json
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class ShardTask:
     """Everything a worker needs to write one shard (picklable, no open files)."""
@@ -54,8 +55,10 @@ class ShardTask:
 
 def _unexpected(modality: str, path: str, stay_id: int, err: Exception) -> RuntimeError:
     """An error that names the file and stay (worker tracebacks otherwise lose both)."""
-    return RuntimeError(f"preprocess: unexpected {type(err).__name__} reading {modality} file {path} "
-                        f"(stay {stay_id}): {err}")
+    return RuntimeError(
+        f"preprocess: unexpected {type(err).__name__} reading {modality} file {path} "
+        f"(stay {stay_id}): {err}"
+    )
 
 
 def _read_images(items, image_size, skips, stay_id):
@@ -68,8 +71,9 @@ def _read_images(items, image_size, skips, stay_id):
             try:
                 img = tf(read_cxr(path))[0]  # (H, W) in [0, 1]
             except LoaderError as err:
-                skips.append({"modality": "cxr", "stay_id": stay_id, "path": err.path,
-                              "reason": err.reason})
+                skips.append(
+                    {"modality": "cxr", "stay_id": stay_id, "path": err.path, "reason": err.reason}
+                )
                 continue
             except Exception as err:  # a reader bug or an unforeseen format: stop, naming the file
                 raise _unexpected("cxr", path, stay_id, err) from err
@@ -87,7 +91,9 @@ def _read_ecgs(items, ecg_samples, skips, stay_id):
             # 10 s at the rate that gives ecg_samples (e.g. 1250 -> 125 Hz, anti-aliased)
             sig = read_ecg(path, fs=ecg_samples / 10.0).signal  # (12, S) mV
         except LoaderError as err:
-            skips.append({"modality": "ecg", "stay_id": stay_id, "path": err.path, "reason": err.reason})
+            skips.append(
+                {"modality": "ecg", "stay_id": stay_id, "path": err.path, "reason": err.reason}
+            )
             continue
         except Exception as err:
             raise _unexpected("ecg", path, stay_id, err) from err
@@ -98,10 +104,20 @@ def _read_ecgs(items, ecg_samples, skips, stay_id):
 
 def write_shard(task: ShardTask) -> tuple[pd.DataFrame, list[dict]]:
     """Decode and write one shard (runs in a worker process)."""
-    shapes = {"cxr": (task.image_size, task.image_size), "ecg": (12, task.ecg_samples),
-              "notes": (task.note_len,)}
-    writer = ShardWriter(task.cache_dir, task.index, task.modalities, task.num_events, shapes,
-                         task.num_variables, task.num_static)
+    shapes = {
+        "cxr": (task.image_size, task.image_size),
+        "ecg": (12, task.ecg_samples),
+        "notes": (task.note_len,),
+    }
+    writer = ShardWriter(
+        task.cache_dir,
+        task.index,
+        task.modalities,
+        task.num_events,
+        shapes,
+        task.num_variables,
+        task.num_static,
+    )
     skips: list[dict] = []
     for i, meta in enumerate(task.meta):
         sid = meta["stay_id"]
@@ -136,7 +152,9 @@ def _complete(cache_dir: Path, summary_file: Path, fp: str) -> bool:
     return all((shard_dir(cache_dir, int(k)) / "DONE").exists() for k in shards)
 
 
-def build_cache(cfg: Config, resume: bool = True, quiet: bool = False, shard_size: int = 256) -> Path:
+def build_cache(
+    cfg: Config, resume: bool = True, quiet: bool = False, shard_size: int = 256
+) -> Path:
     """Preprocess ``cfg.data.root`` into ``cfg.data.cache_dir`` (see :mod:`clinical_moe.data.store`).
 
     Args:
@@ -179,17 +197,24 @@ def build_cache(cfg: Config, resume: bool = True, quiet: bool = False, shard_siz
             continue
         part = stays.iloc[start : start + shard_size]
         ids = part["stay_id"].astype(int).tolist()
-        tasks.append(ShardTask(
-            index=k,
-            meta=plan.meta(part),
-            ehr=[plan.ehr.get(s) for s in ids],
-            cxr=[plan.cxr.get(s, []) for s in ids],
-            ecg=[plan.ecg.get(s, []) for s in ids],
-            notes=[plan.notes.get(s) for s in ids],
-            modalities=tuple(d.modalities), num_events=d.max_events, image_size=d.image_size,
-            ecg_samples=d.ecg_samples, note_len=d.note_max_len, num_variables=plan.num_variables,
-            num_static=plan.num_static, cache_dir=str(cache_dir),
-        ))
+        tasks.append(
+            ShardTask(
+                index=k,
+                meta=plan.meta(part),
+                ehr=[plan.ehr.get(s) for s in ids],
+                cxr=[plan.cxr.get(s, []) for s in ids],
+                ecg=[plan.ecg.get(s, []) for s in ids],
+                notes=[plan.notes.get(s) for s in ids],
+                modalities=tuple(d.modalities),
+                num_events=d.max_events,
+                image_size=d.image_size,
+                ecg_samples=d.ecg_samples,
+                note_len=d.note_max_len,
+                num_variables=plan.num_variables,
+                num_static=plan.num_static,
+                cache_dir=str(cache_dir),
+            )
+        )
     n_shards = -(-len(stays) // shard_size)
     logger.info("preprocess: %d stays in %d shards (%d to do)", len(stays), n_shards, len(tasks))
     workers = max(1, min(d.workers, len(tasks), os.cpu_count() or 1))
@@ -210,16 +235,27 @@ def build_cache(cfg: Config, resume: bool = True, quiet: bool = False, shard_siz
         metas.append(pd.read_parquet(path / "meta.parquet"))
         skips += json.loads((path / "skips.json").read_text())
     for s in skips:
-        logger.warning("skipped %s file %s (stay %s): %s", s["modality"], s["path"], s["stay_id"], s["reason"])
+        logger.warning(
+            "skipped %s file %s (stay %s): %s", s["modality"], s["path"], s["stay_id"], s["reason"]
+        )
     summary = {
         **plan.summary,
         "fingerprint": fp,
         "skipped_files": {
             "total": len(skips),
-            "by_modality_reason": {f"{m}:{r}": c for (m, r), c in
-                                   sorted(Counter((s["modality"], s["reason"]) for s in skips).items())},
+            "by_modality_reason": {
+                f"{m}:{r}": c
+                for (m, r), c in sorted(
+                    Counter((s["modality"], s["reason"]) for s in skips).items()
+                )
+            },
             "files": skips[:1000],
         },
     }
-    finalize_cache(cache_dir, metas, summary, num_variables=plan.num_variables if "ehr" in d.modalities else None)
+    finalize_cache(
+        cache_dir,
+        metas,
+        summary,
+        num_variables=plan.num_variables if "ehr" in d.modalities else None,
+    )
     return cache_dir

@@ -30,8 +30,16 @@ class ShardWriter:
 
     DTYPES = {"cxr": np.uint8, "ecg": np.float16, "notes": np.int32}
 
-    def __init__(self, cache_dir: str | Path, shard: int, modalities: Sequence[str], num_events: int,
-                 event_shapes: dict[str, tuple[int, ...]], num_variables: int, num_static: int):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        shard: int,
+        modalities: Sequence[str],
+        num_events: int,
+        event_shapes: dict[str, tuple[int, ...]],
+        num_variables: int,
+        num_static: int,
+    ):
         self.path = shard_dir(cache_dir, shard)
         self.shard = shard
         self.modalities = tuple(modalities)
@@ -59,13 +67,25 @@ class ShardWriter:
             has = ehr is not None and len(ehr["times"]) > 0
             row["has_ehr"] = has
             if has:
-                self.ehr.append((ehr["values"].astype(np.float32), ehr["obs_mask"].astype(bool),
-                                 ehr["times"].astype(np.float32)))
+                self.ehr.append(
+                    (
+                        ehr["values"].astype(np.float32),
+                        ehr["obs_mask"].astype(bool),
+                        ehr["times"].astype(np.float32),
+                    )
+                )
             else:
-                self.ehr.append((np.zeros((0, self.V), np.float32), np.zeros((0, self.V), bool),
-                                 np.zeros(0, np.float32)))
+                self.ehr.append(
+                    (
+                        np.zeros((0, self.V), np.float32),
+                        np.zeros((0, self.V), bool),
+                        np.zeros(0, np.float32),
+                    )
+                )
             static = ehr["static"] if ehr is not None else meta.get("_static")
-            self.static.append(np.zeros(self.S, np.float32) if static is None else np.asarray(static, np.float32))
+            self.static.append(
+                np.zeros(self.S, np.float32) if static is None else np.asarray(static, np.float32)
+            )
         row.pop("_static", None)
         for m in self.events:
             shape = self.event_shapes[m]
@@ -96,15 +116,38 @@ class ShardWriter:
         if "ehr" in self.modalities:
             lengths = np.array([len(t) for _, _, t in self.ehr], np.int64)
             save_array(self.path / "ehr_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-            save_array(self.path / "ehr_values.npy", np.concatenate([v for v, _, _ in self.ehr]) if n else np.zeros((0, self.V), np.float32))
-            save_array(self.path / "ehr_obs.npy", np.concatenate([o for _, o, _ in self.ehr]) if n else np.zeros((0, self.V), bool))
-            save_array(self.path / "ehr_times.npy", np.concatenate([t for _, _, t in self.ehr]) if n else np.zeros(0, np.float32))
-            save_array(self.path / "ehr_static.npy", np.stack(self.static) if n else np.zeros((0, self.S), np.float32))
+            save_array(
+                self.path / "ehr_values.npy",
+                np.concatenate([v for v, _, _ in self.ehr])
+                if n
+                else np.zeros((0, self.V), np.float32),
+            )
+            save_array(
+                self.path / "ehr_obs.npy",
+                np.concatenate([o for _, o, _ in self.ehr]) if n else np.zeros((0, self.V), bool),
+            )
+            save_array(
+                self.path / "ehr_times.npy",
+                np.concatenate([t for _, _, t in self.ehr]) if n else np.zeros(0, np.float32),
+            )
+            save_array(
+                self.path / "ehr_static.npy",
+                np.stack(self.static) if n else np.zeros((0, self.S), np.float32),
+            )
         for m in self.events:
             shape = (0, self.N, *self.event_shapes[m])
-            save_array(self.path / f"{EVENT_ARRAY[m]}.npy", np.stack(self.events[m]) if n else np.zeros(shape, self.DTYPES[m]))
-            save_array(self.path / f"{m}_times.npy", np.stack(self.times[m]) if n else np.zeros((0, self.N), np.float32))
-            save_array(self.path / f"{m}_event_mask.npy", np.stack(self.masks[m]) if n else np.zeros((0, self.N), bool))
+            save_array(
+                self.path / f"{EVENT_ARRAY[m]}.npy",
+                np.stack(self.events[m]) if n else np.zeros(shape, self.DTYPES[m]),
+            )
+            save_array(
+                self.path / f"{m}_times.npy",
+                np.stack(self.times[m]) if n else np.zeros((0, self.N), np.float32),
+            )
+            save_array(
+                self.path / f"{m}_event_mask.npy",
+                np.stack(self.masks[m]) if n else np.zeros((0, self.N), bool),
+            )
         meta = pd.DataFrame(self.rows)
         meta.to_parquet(self.path / "meta.parquet", index=False)
         write_json(self.path / "skips.json", skips or [])
@@ -123,7 +166,9 @@ def ehr_train_stats(cache_dir: str | Path, manifest: pd.DataFrame, num_variables
         off = np.load(path / "ehr_offsets.npy")
         values = np.load(path / "ehr_values.npy", mmap_mode="r")
         obs = np.load(path / "ehr_obs.npy", mmap_mode="r")
-        sel = np.concatenate([np.arange(off[r], off[r + 1]) for r in rows["row"]] or [np.zeros(0, int)])
+        sel = np.concatenate(
+            [np.arange(off[r], off[r + 1]) for r in rows["row"]] or [np.zeros(0, int)]
+        )
         v = np.asarray(values[sel], np.float64)
         o = np.asarray(obs[sel], bool)
         total += np.where(o, v, 0).sum(0)
@@ -136,15 +181,21 @@ def ehr_train_stats(cache_dir: str | Path, manifest: pd.DataFrame, num_variables
     return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
 
 
-def finalize_cache(cache_dir: str | Path, shard_meta: Sequence[pd.DataFrame], summary: dict,
-                   num_variables: int | None = None) -> pd.DataFrame:
+def finalize_cache(
+    cache_dir: str | Path,
+    shard_meta: Sequence[pd.DataFrame],
+    summary: dict,
+    num_variables: int | None = None,
+) -> pd.DataFrame:
     """Join the shards' manifests, fit EHR statistics on train, write manifest and summary."""
     from clinical_moe.data.store import write_json
 
     cache_dir = Path(cache_dir)
     manifest = pd.concat(list(shard_meta), ignore_index=True) if shard_meta else pd.DataFrame()
     if num_variables and "has_ehr" in manifest:
-        write_json(cache_dir / "ehr_stats.json", ehr_train_stats(cache_dir, manifest, num_variables))
+        write_json(
+            cache_dir / "ehr_stats.json", ehr_train_stats(cache_dir, manifest, num_variables)
+        )
     mods = [c[4:] for c in manifest.columns if c.startswith("has_")]
     summary = {
         **summary,

@@ -133,7 +133,9 @@ def exclude_unobserved(
     """
     ex = dict(cohort.attrs.get("exclusions", {}))
     observed = pd.array(sorted(int(s) for s in observed_stay_ids), dtype="Int64")
-    out = _exclude(cohort, ~cohort["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex)
+    out = _exclude(
+        cohort, ~cohort["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex
+    )
     out = out.reset_index(drop=True)
     out.attrs = {**cohort.attrs, "exclusions": ex}
     return out

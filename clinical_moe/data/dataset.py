@@ -46,7 +46,9 @@ class CachedDataset(Dataset):
         self.modalities = tuple(modalities or cached)
         missing = [m for m in self.modalities if m not in cached]
         if missing:
-            raise ValueError(f"modalities {missing} are not in the cache {cache_dir} (has {cached})")
+            raise ValueError(
+                f"modalities {missing} are not in the cache {cache_dir} (has {cached})"
+            )
         self.label_columns = list(label_columns or self.store.label_columns)
         self._present = self.rows[[f"has_{m}" for m in self.modalities]].to_numpy(bool)
         self._labels = self.rows[self.label_columns].to_numpy(np.float32)
@@ -71,7 +73,9 @@ class CachedDataset(Dataset):
         for m, name in enumerate(self.modalities):
             has = bool(self._present[i, m])
             sample["present"][name] = has
-            sample[name] = self.store.read(name, int(self._shard[i]), int(self._row[i])) if has else None
+            sample[name] = (
+                self.store.read(name, int(self._shard[i]), int(self._row[i])) if has else None
+            )
         return sample
 
 
@@ -127,7 +131,13 @@ def collate(
                 values[b, :n], obs[b, :n], times[b, :n] = d["values"], d["obs_mask"], d["times"]
                 tmask[b, :n] = True
                 static[b] = d["static"]
-            arrays = {"values": values, "obs_mask": obs, "times": times, "time_mask": tmask, "static": static}
+            arrays = {
+                "values": values,
+                "obs_mask": obs,
+                "times": times,
+                "time_mask": tmask,
+                "static": static,
+            }
         else:
             arrays = {}
             for key, ref in tmpl.items():
@@ -137,11 +147,15 @@ def collate(
                         out[b] = s[name][key]
                 arrays[key] = out
         inputs[name] = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    present = torch.tensor([[s["present"][m] for m in modalities] for s in samples], dtype=torch.bool)
+    present = torch.tensor(
+        [[s["present"][m] for m in modalities] for s in samples], dtype=torch.bool
+    )
     labels = torch.from_numpy(np.stack([s["label"] for s in samples]).astype(np.float32))
     if labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]  # (B,)
-    return Batch(inputs, present, labels, ids=[s["id"] for s in samples], modalities=tuple(modalities))
+    return Batch(
+        inputs, present, labels, ids=[s["id"] for s in samples], modalities=tuple(modalities)
+    )
 
 
 class Collator:
@@ -165,7 +179,8 @@ class Collator:
                 if not len(others):
                     raise ValueError(
                         f"no stay in the cache {dataset.store.cache_dir} has modality {name!r}; "
-                        "remove it from data.modalities or check the preprocessing summary")
+                        "remove it from data.modalities or check the preprocessing summary"
+                    )
                 row = others.iloc[0]
                 example = dataset.store.read(name, int(row["shard"]), int(row["row"]))
             self.templates[name] = {k: np.zeros_like(v) for k, v in example.items()}
@@ -189,8 +204,14 @@ class ModalityCountSampler(Sampler[int]):
         rank: This process's rank.
     """
 
-    def __init__(self, present: np.ndarray, warmup_epochs: int = 5, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        present: np.ndarray,
+        warmup_epochs: int = 5,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.counts = np.asarray(present).sum(1)
         self.warmup_epochs = warmup_epochs
         self.seed = seed

@@ -70,8 +70,9 @@ def _events_by_stay(pairs: pd.DataFrame | None, root: Path) -> dict[int, list[tu
 def _release(root: Path, modality: str) -> Path | None:
     path = root / RELEASES[modality]
     if not path.is_dir():
-        warnings.warn(f"{path} not found: modality {modality!r} will be missing for every stay",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path} not found: modality {modality!r} will be missing for every stay", stacklevel=3
+        )
         return None
     return path
 
@@ -91,16 +92,26 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     # With EHR in the run, its one pass over the event tables also decides the cohort's
     # "observation in the window" rule, instead of build_cohort scanning them a second time.
     one_pass = "ehr" in modalities and d.task in OBSERVATION_TASKS
-    cohort = build_cohort(mimic_iv, task=d.task, seed=cfg.seed, split_fractions=d.split_fractions,
-                          prediction_hours=d.window_hours, variables=d.variables_file,
-                          check_observations=not one_pass)
+    cohort = build_cohort(
+        mimic_iv,
+        task=d.task,
+        seed=cfg.seed,
+        split_fractions=d.split_fractions,
+        prediction_hours=d.window_hours,
+        variables=d.variables_file,
+        check_observations=not one_pass,
+    )
     events = None
     if "ehr" in modalities:
-        events = load_ehr_events(mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours)
+        events = load_ehr_events(
+            mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours
+        )
     if one_pass:
         if len(events.missing_sources) == len(SOURCES):
-            msg = (f"neither icu/chartevents nor hosp/labevents found under {mimic_iv}: the "
-                   "'at least one observation' rule was not applied")
+            msg = (
+                f"neither icu/chartevents nor hosp/labevents found under {mimic_iv}: the "
+                "'at least one observation' rule was not applied"
+            )
             warnings.warn(msg, stacklevel=2)
             logger.warning(msg)
         else:
@@ -128,25 +139,43 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         row_of = {int(s): i for i, s in enumerate(static.index)}
         for sid, ts in series.items():
             if len(ts.times):
-                plan.ehr[sid] = {"values": ts.values, "obs_mask": ts.obs_mask, "times": ts.times,
-                                 "static": static_arr[row_of[sid]]}
-        summary["ehr"] = {"variables": list(events.variables), "dropped_values": events.dropped,
-                          "missing_sources": list(events.missing_sources),
-                          "stays_without_events": int(len(cohort) - len(plan.ehr))}
+                plan.ehr[sid] = {
+                    "values": ts.values,
+                    "obs_mask": ts.obs_mask,
+                    "times": ts.times,
+                    "static": static_arr[row_of[sid]],
+                }
+        summary["ehr"] = {
+            "variables": list(events.variables),
+            "dropped_values": events.dropped,
+            "missing_sources": list(events.missing_sources),
+            "stays_without_events": int(len(cohort) - len(plan.ehr)),
+        }
 
     if "cxr" in modalities and (cxr_root := _release(root, "cxr")) is not None:
         from clinical_moe.data.cxr import pair_cxr, read_cxr_metadata
 
-        pairs = pair_cxr(cohort, read_cxr_metadata(cxr_root), window_hours=d.window_hours,
-                         view_positions=d.cxr_view_positions, keep="last_n", n=d.max_events)
+        pairs = pair_cxr(
+            cohort,
+            read_cxr_metadata(cxr_root),
+            window_hours=d.window_hours,
+            view_positions=d.cxr_view_positions,
+            keep="last_n",
+            n=d.max_events,
+        )
         plan.cxr = _events_by_stay(pairs, cxr_root)
         summary["cxr"] = {"paired_images": int(len(pairs)), "stays": len(plan.cxr)}
 
     if "ecg" in modalities and (ecg_root := _release(root, "ecg")) is not None:
         from clinical_moe.data.ecg import pair_ecg, read_record_list
 
-        pairs = pair_ecg(cohort, read_record_list(ecg_root), window_hours=d.window_hours,
-                         keep="last_n", n=d.max_events)
+        pairs = pair_ecg(
+            cohort,
+            read_record_list(ecg_root),
+            window_hours=d.window_hours,
+            keep="last_n",
+            n=d.max_events,
+        )
         plan.ecg = _events_by_stay(pairs, ecg_root)
         summary["ecg"] = {"paired_records": int(len(pairs)), "stays": len(plan.ecg)}
 
@@ -169,7 +198,9 @@ def _plan_notes(cohort: pd.DataFrame, note_root: Path, d) -> tuple[dict, dict]:
     paired = pair_notes(cohort, notes, prediction_hours=d.window_hours, max_notes=d.max_events)
     split_of = dict(zip(cohort["stay_id"].astype(int), cohort["split"]))
     is_train = paired["stay_id"].astype(int).map(split_of).eq("train").to_numpy()
-    tok = NoteTokenizer(max_vocab=d.note_vocab, max_len=d.note_max_len).fit(paired.loc[is_train, "text"])
+    tok = NoteTokenizer(max_vocab=d.note_vocab, max_len=d.note_max_len).fit(
+        paired.loc[is_train, "text"]
+    )
     ids, _ = tok.transform_padded(paired["text"])  # (n_notes, L)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     stay_ids = paired["stay_id"].astype(int).to_numpy()

@@ -29,18 +29,24 @@ class SequenceEncoder(ModalityEncoder):
 
     padding = {"x": "mask", "times": "mask"}
 
-    def __init__(self, d_model: int = 32, num_tokens: int = 4, in_features: int = 8, max_len: int = 6):
+    def __init__(
+        self, d_model: int = 32, num_tokens: int = 4, in_features: int = 8, max_len: int = 6
+    ):
         super().__init__(d_model, num_tokens)
         self.in_features = in_features
         self.max_len = max_len
-        self.proj = nn.Sequential(nn.Linear(in_features, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.proj = nn.Sequential(
+            nn.Linear(in_features, d_model), nn.GELU(), nn.Linear(d_model, d_model)
+        )
         self.resample = TokenResampler(d_model, num_tokens)
 
     def forward(self, inputs: ModalityInputs) -> ModalityTokens:
         x, mask = inputs["x"], inputs["mask"].bool()
         h = self.proj(x)  # (B, L, D)
         tokens = self.resample(h, mask)  # (B, T, D)
-        return ModalityTokens(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device))
+        return ModalityTokens(
+            tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device)
+        )
 
     def random_inputs(self, batch_size: int, generator: torch.Generator) -> ModalityInputs:
         L = self.max_len

@@ -32,5 +32,7 @@ class TokenResampler(nn.Module):
             raise ValueError("TokenResampler: a row has no real position to attend to")
         x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, T, D)
-        out, _ = self.attn(q, self.norm(x), self.norm(x), key_padding_mask=~mask, need_weights=False)
+        out, _ = self.attn(
+            q, self.norm(x), self.norm(x), key_padding_mask=~mask, need_weights=False
+        )
         return self.out_norm(out + q)  # (B, T, D)

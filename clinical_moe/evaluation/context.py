@@ -98,10 +98,17 @@ class EvalContext:
             raise ValueError(f"unknown MAR covariate {mar_covariate!r}; use one of {COVARIATES}")
         cov = self.covariates[mar_covariate]
         if not np.isfinite(cov).any():
-            log.warning("MAR covariate %r is unknown for every stay: MAR reduces to MCAR",
-                        mar_covariate)
-        return {"ids": self.ids, "covariate": cov, "labels": self.labels, "content": self.content,
-                "strength": strength, "modalities": self.modalities}
+            log.warning(
+                "MAR covariate %r is unknown for every stay: MAR reduces to MCAR", mar_covariate
+            )
+        return {
+            "ids": self.ids,
+            "covariate": cov,
+            "labels": self.labels,
+            "content": self.content,
+            "strength": strength,
+            "modalities": self.modalities,
+        }
 
 
 def split_hash(dataset: CachedDataset) -> str:
@@ -111,8 +118,13 @@ def split_hash(dataset: CachedDataset) -> str:
     same labels and the same natural missingness; a hash of these rows tells that for certain.
     """
     rows = dataset.rows
-    cols = sorted(c for c in rows.columns if c in ("stay_id", "subject_id", "split")
-                  or c.startswith("has_") or c in dataset.label_columns)
+    cols = sorted(
+        c
+        for c in rows.columns
+        if c in ("stay_id", "subject_id", "split")
+        or c.startswith("has_")
+        or c in dataset.label_columns
+    )
     frame = rows[cols].sort_values("stay_id", kind="stable").reset_index(drop=True)
     digest = hashlib.sha256(",".join(cols).encode())
     digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
@@ -140,9 +152,13 @@ def build_context(dataset: CachedDataset, batch_size: int = 128) -> EvalContext:
     labels = dataset.labels
     labels = labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
     return EvalContext(
-        ids=np.asarray(dataset.rows["stay_id"], dtype=np.int64), present=dataset.present.copy(),
-        labels=labels, modalities=mods, covariates={"severity": severity, "age": age},
-        content=content, split_hash=split_hash(dataset),
+        ids=np.asarray(dataset.rows["stay_id"], dtype=np.int64),
+        present=dataset.present.copy(),
+        labels=labels,
+        modalities=mods,
+        covariates={"severity": severity, "age": age},
+        content=content,
+        split_hash=split_hash(dataset),
     )
 
 

@@ -41,9 +41,25 @@ from clinical_moe.missingness import MissingnessSpec, grid_specs, pattern_name
 
 log = logging.getLogger(__name__)
 
-GRID_COLUMNS = ["run", "run_id", "head", "point", "mechanism", "rate", "pattern", "metric",
-                "value", "ci_low", "ci_high", "n", "n_pos", "prevalence", "n_excluded",
-                "kept_fraction", "mean_modalities"]
+GRID_COLUMNS = [
+    "run",
+    "run_id",
+    "head",
+    "point",
+    "mechanism",
+    "rate",
+    "pattern",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "n_pos",
+    "prevalence",
+    "n_excluded",
+    "kept_fraction",
+    "mean_modalities",
+]
 
 
 class IncomparableRunsError(ValueError):
@@ -114,13 +130,15 @@ def check_comparable(runs) -> tuple[object, str]:
             raise IncomparableRunsError(
                 f"runs {first.name} and {r.name} use different modalities "
                 f"({first.data.test.modalities} vs {r.data.test.modalities}); masks over different "
-                "modality sets cannot be identical - evaluate them separately")
+                "modality sets cannot be identical - evaluate them separately"
+            )
         h = split_hash(r.data.test)
         if h != ref_hash:
             raise IncomparableRunsError(
                 f"runs {first.name} and {r.name} were trained on different caches: their test "
                 f"splits differ (manifest hash {ref_hash[:12]} at {first.cfg.data.cache_dir} vs "
-                f"{h[:12]} at {r.cfg.data.cache_dir}); evaluate them separately")
+                f"{h[:12]} at {r.cfg.data.cache_dir}); evaluate them separately"
+            )
         if r.data.task != first.data.task:
             raise IncomparableRunsError(f"runs {first.name} and {r.name} have different tasks")
     return first.data.test, ref_hash
@@ -142,8 +160,9 @@ def _masks(specs: Sequence[MissingnessSpec], ctx: EvalContext, cfg: EvalConfig, 
 
 
 def _score_rows(y, p, task, threshold, cfg: EvalConfig, seed) -> dict:
-    return score_with_ci(y, p, task, threshold, n_boot=cfg.bootstrap, seed=seed,
-                         n_bins=cfg.ece_bins)
+    return score_with_ci(
+        y, p, task, threshold, n_boot=cfg.bootstrap, seed=seed, n_bins=cfg.ece_bins
+    )
 
 
 def _records(base: dict, scores: dict) -> list[dict]:
@@ -158,9 +177,15 @@ def _threshold_json(t) -> str:
     return json.dumps(np.round(np.atleast_1d(np.asarray(t, dtype=float)), 6).tolist())
 
 
-def evaluate_runs(runs: list, eval_cfg: EvalConfig | None = None, out_dir: str | Path | None = None,
-                  seed: int | None = None, quiet: bool = True, device: str = "cpu",
-                  write: bool = True) -> pd.DataFrame:
+def evaluate_runs(
+    runs: list,
+    eval_cfg: EvalConfig | None = None,
+    out_dir: str | Path | None = None,
+    seed: int | None = None,
+    quiet: bool = True,
+    device: str = "cpu",
+    write: bool = True,
+) -> pd.DataFrame:
     """Score several trained runs under simulated missingness on identical masks.
 
     Args:
@@ -189,8 +214,13 @@ def evaluate_runs(runs: list, eval_cfg: EvalConfig | None = None, out_dir: str |
     return grid
 
 
-def run_grid(runs: list, eval_cfg: EvalConfig | None = None, seed: int | None = None,
-             quiet: bool = True, device: str = "cpu") -> GridResult:
+def run_grid(
+    runs: list,
+    eval_cfg: EvalConfig | None = None,
+    seed: int | None = None,
+    quiet: bool = True,
+    device: str = "cpu",
+) -> GridResult:
     """Compute every table of the evaluation (see :func:`evaluate_runs`), writing nothing."""
     t0 = time.perf_counter()
     if eval_cfg is not None:
@@ -217,20 +247,28 @@ def run_grid(runs: list, eval_cfg: EvalConfig | None = None, seed: int | None = 
     for run, name in zip(runs, names):
         t_run = time.perf_counter()
         val = run.data.val
-        p_val = predict_under_masks(run.model, val, val.present[None], task, cfg.batch_size,
-                                    device, bar.update)[0]
+        p_val = predict_under_masks(
+            run.model, val, val.present[None], task, cfg.batch_size, device, bar.update
+        )[0]
         y_val = val.labels[:, 0] if val.labels.shape[1] == 1 else val.labels
         thr = best_threshold(y_val, p_val, task)
         val_scores = score_with_ci(y_val, p_val, task, thr, n_boot=0, metrics=("auroc", "f1"))
-        probs = predict_under_masks(run.model, test, masks, task, cfg.batch_size, device,
-                                    bar.update)
+        probs = predict_under_masks(
+            run.model, test, masks, task, cfg.batch_size, device, bar.update
+        )
         probs_by_run.append((run, name, thr, probs))
-        run_rows.append({
-            "run": name, "run_id": run.run_id, "head": run.cfg.model.name,
-            "threshold": _threshold_json(thr),
-            "val_auroc": val_scores["auroc"]["value"], "val_f1": val_scores["f1"]["value"],
-            "n_val": len(val), "n_test": len(test),
-        })
+        run_rows.append(
+            {
+                "run": name,
+                "run_id": run.run_id,
+                "head": run.cfg.model.name,
+                "threshold": _threshold_json(thr),
+                "val_auroc": val_scores["auroc"]["value"],
+                "val_f1": val_scores["f1"]["value"],
+                "n_val": len(val),
+                "n_test": len(test),
+            }
+        )
         timings[f"predict_s/{name}"] = time.perf_counter() - t_run
     bar.close()
 
@@ -241,47 +279,67 @@ def run_grid(runs: list, eval_cfg: EvalConfig | None = None, seed: int | None = 
         rows = mask.any(1)
         y = y_all[rows]
         base = {
-            "point": spec.label, "mechanism": spec.mechanism,
+            "point": spec.label,
+            "mechanism": spec.mechanism,
             "rate": math.nan if spec.mechanism == "pattern" else spec.rate,
             "pattern": pattern_name(spec.pattern) if spec.pattern else None,
-            "n": int(rows.sum()), "n_pos": int(np.sum(y)) if task != "multiclass" else None,
-            "prevalence": prevalence(y, task), "n_excluded": int((~rows).sum()),
+            "n": int(rows.sum()),
+            "n_pos": int(np.sum(y)) if task != "multiclass" else None,
+            "prevalence": prevalence(y, task),
+            "n_excluded": int((~rows).sum()),
             "kept_fraction": float(mask.sum() / max(1, natural.sum())),
             "mean_modalities": float(mask[rows].sum(1).mean()) if rows.any() else math.nan,
         }
         for run, name, thr, probs in probs_by_run:
-            scores = _score_rows(y, probs[index[spec.label]][rows], task, thr, cfg,
-                                 _point_seed(seed, rows))
-            records += _records({"run": name, "run_id": run.run_id, "head": run.cfg.model.name,
-                                 **base}, scores)
+            scores = _score_rows(
+                y, probs[index[spec.label]][rows], task, thr, cfg, _point_seed(seed, rows)
+            )
+            records += _records(
+                {"run": name, "run_id": run.run_id, "head": run.cfg.model.name, **base}, scores
+            )
 
     # natural missingness, per observed combination of modalities
-    combos = np.array([pattern_name([m for m, on in zip(mods, row) if on]) or "(none)"
-                       for row in natural])
+    combos = np.array(
+        [pattern_name([m for m, on in zip(mods, row) if on]) or "(none)" for row in natural]
+    )
     nat_k = index["natural"]
     for combo in sorted(set(combos), key=lambda c: (c.count("+"), c)):
         rows = combos == combo
         y = y_all[rows]
-        base = {"pattern": combo, "n": int(rows.sum()),
-                "n_pos": int(np.sum(y)) if task != "multiclass" else None,
-                "prevalence": prevalence(y, task)}
+        base = {
+            "pattern": combo,
+            "n": int(rows.sum()),
+            "n_pos": int(np.sum(y)) if task != "multiclass" else None,
+            "prevalence": prevalence(y, task),
+        }
         for run, name, thr, probs in probs_by_run:
-            scores = _score_rows(y, probs[nat_k][rows], task, thr, cfg,
-                                 _point_seed(seed, rows))
-            natural_records += _records({"run": name, "run_id": run.run_id,
-                                         "head": run.cfg.model.name, **base}, scores)
+            scores = _score_rows(y, probs[nat_k][rows], task, thr, cfg, _point_seed(seed, rows))
+            natural_records += _records(
+                {"run": name, "run_id": run.run_id, "head": run.cfg.model.name, **base}, scores
+            )
 
     oracle_rows = []
     truth, note = load_truth(test)
     if truth is not None and task == "binary":
-        risk = pd.Series(ctx.ids).map(dict(zip(truth["stay_id"], truth["true_risk"]))).to_numpy(
-            dtype=float)
+        risk = (
+            pd.Series(ctx.ids)
+            .map(dict(zip(truth["stay_id"], truth["true_risk"])))
+            .to_numpy(dtype=float)
+        )
         ok = np.isfinite(risk)
-        scores = score_with_ci(y_all[ok], risk[ok], task, 0.5, n_boot=cfg.bootstrap,
-                               seed=_point_seed(seed, ok), n_bins=cfg.ece_bins,
-                               metrics=("auroc", "auprc", "brier", "ece"))
-        oracle_rows = [{"metric": m, **v, "n": int(ok.sum()), "source": note}
-                       for m, v in scores.items()]
+        scores = score_with_ci(
+            y_all[ok],
+            risk[ok],
+            task,
+            0.5,
+            n_boot=cfg.bootstrap,
+            seed=_point_seed(seed, ok),
+            n_bins=cfg.ece_bins,
+            metrics=("auroc", "auprc", "brier", "ece"),
+        )
+        oracle_rows = [
+            {"metric": m, **v, "n": int(ok.sum()), "source": note} for m, v in scores.items()
+        ]
     elif truth is not None:
         note = f"no oracle for a {task} task"
     timings["score_s"] = time.perf_counter() - t_score
@@ -296,9 +354,16 @@ def run_grid(runs: list, eval_cfg: EvalConfig | None = None, seed: int | None = 
         frame.insert(0, "point", label)
         mask_frames.append(frame)
     meta = {
-        "eval_config": asdict(cfg), "seed": seed, "task": task, "modalities": list(mods),
-        "test_split_sha256": test_hash, "n_test": len(test), "points": [s.label for s in specs],
-        "distinct_masks": len(masks), "runs": names, "oracle": note,
+        "eval_config": asdict(cfg),
+        "seed": seed,
+        "task": task,
+        "modalities": list(mods),
+        "test_split_sha256": test_hash,
+        "n_test": len(test),
+        "points": [s.label for s in specs],
+        "distinct_masks": len(masks),
+        "runs": names,
+        "oracle": note,
         "checkpoints": {n: str(r.checkpoint) for n, r in zip(names, runs)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "seconds": round(time.perf_counter() - t0, 3),

@@ -22,8 +22,9 @@ from clinical_moe.model import MultimodalModel
 from clinical_moe.types import ModalityTokens
 
 
-def mask_tokens(tokens: dict[str, ModalityTokens], present: torch.Tensor,
-                modalities: tuple[str, ...]) -> dict[str, ModalityTokens]:
+def mask_tokens(
+    tokens: dict[str, ModalityTokens], present: torch.Tensor, modalities: tuple[str, ...]
+) -> dict[str, ModalityTokens]:
     """Tokens as the encoders would give them had ``present`` been the presence mask.
 
     Args:
@@ -36,15 +37,24 @@ def mask_tokens(tokens: dict[str, ModalityTokens], present: torch.Tensor,
         t = tokens[name]
         keep = present[:, m].to(t.tokens.device)  # (B,)
         times = None if t.times is None else t.times * keep[:, None].to(t.times.dtype)  # (B, T)
-        out[name] = ModalityTokens(t.tokens * keep[:, None, None].to(t.tokens.dtype),  # (B, T, D)
-                                   t.mask & keep[:, None], times)
+        out[name] = ModalityTokens(
+            t.tokens * keep[:, None, None].to(t.tokens.dtype),  # (B, T, D)
+            t.mask & keep[:, None],
+            times,
+        )
     return out
 
 
 @torch.no_grad()
-def predict_under_masks(model: MultimodalModel, dataset: CachedDataset, masks: np.ndarray,
-                        task: str, batch_size: int = 128, device: str | torch.device = "cpu",
-                        progress: Callable[[int], None] | None = None) -> np.ndarray:
+def predict_under_masks(
+    model: MultimodalModel,
+    dataset: CachedDataset,
+    masks: np.ndarray,
+    task: str,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """Probabilities of every stay of ``dataset`` under each of ``K`` presence masks.
 
     Args:

@@ -16,29 +16,41 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1 (val threshold)", "ece": "ECE",
-          "brier": "Brier"}
-MECHANISM_TITLES = {"mcar": "MCAR", "mar": "MAR (covariate)", "mnar": "MNAR (label)",
-                    "mnar_content": "MNAR (content)"}
+LABELS = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "f1": "F1 (val threshold)",
+    "ece": "ECE",
+    "brier": "Brier",
+}
+MECHANISM_TITLES = {
+    "mcar": "MCAR",
+    "mar": "MAR (covariate)",
+    "mnar": "MNAR (label)",
+    "mnar_content": "MNAR (content)",
+}
 
 
-def metric_vs_rate(grid: pd.DataFrame, path: str | Path, metric: str = "auroc",
-                   oracle: float | None = None) -> Path | None:
+def metric_vs_rate(
+    grid: pd.DataFrame, path: str | Path, metric: str = "auroc", oracle: float | None = None
+) -> Path | None:
     """Plot ``metric`` vs missing rate per mechanism; returns the file or None (no rate points)."""
     df = grid[(grid["metric"] == metric) & ~grid["mechanism"].isin(["natural", "pattern"])]
     if df.empty:
         return None
     mechs = list(dict.fromkeys(df["mechanism"]))
     runs = list(dict.fromkeys(grid["run"]))
-    fig, axes = plt.subplots(1, len(mechs), figsize=(4.2 * len(mechs), 3.6), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(mechs), figsize=(4.2 * len(mechs), 3.6), sharey=True, squeeze=False
+    )
     colors = plt.get_cmap("tab10")
     for ax, mech in zip(axes[0], mechs):
         for i, run in enumerate(runs):
             d = df[(df["mechanism"] == mech) & (df["run"] == run)].sort_values("rate")
             ax.plot(d["rate"], d["value"], marker="o", ms=3, color=colors(i % 10), label=run)
-            ax.fill_between(d["rate"], d["ci_low"], d["ci_high"], color=colors(i % 10), alpha=0.15,
-                            linewidth=0)
+            ax.fill_between(
+                d["rate"], d["ci_low"], d["ci_high"], color=colors(i % 10), alpha=0.15, linewidth=0
+            )
         if oracle is not None and np.isfinite(oracle):
             ax.axhline(oracle, color="k", ls="--", lw=1, label="oracle (true risk)")
         if metric == "auroc":
@@ -55,8 +67,12 @@ def metric_vs_rate(grid: pd.DataFrame, path: str | Path, metric: str = "auroc",
     return path
 
 
-def pattern_heatmap(table: pd.DataFrame, path: str | Path, metric: str = "auroc",
-                    title: str = "AUROC by modality pattern") -> Path | None:
+def pattern_heatmap(
+    table: pd.DataFrame,
+    path: str | Path,
+    metric: str = "auroc",
+    title: str = "AUROC by modality pattern",
+) -> Path | None:
     """Heatmap of ``metric`` for runs (rows) x patterns (columns), annotated with the values.
 
     Args:
@@ -70,8 +86,9 @@ def pattern_heatmap(table: pd.DataFrame, path: str | Path, metric: str = "auroc"
         return None
     patterns = list(dict.fromkeys(df["pattern"]))
     runs = list(dict.fromkeys(df["run"]))
-    values = df.pivot_table(index="run", columns="pattern", values="value", aggfunc="first",
-                            dropna=False).reindex(index=runs, columns=patterns)
+    values = df.pivot_table(
+        index="run", columns="pattern", values="value", aggfunc="first", dropna=False
+    ).reindex(index=runs, columns=patterns)
     counts = df.drop_duplicates("pattern").set_index("pattern")["n"].reindex(patterns)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(patterns) + 2.5), 0.5 * len(runs) + 2.2))
     data = np.ma.masked_invalid(values.to_numpy(dtype=float))
@@ -85,11 +102,22 @@ def pattern_heatmap(table: pd.DataFrame, path: str | Path, metric: str = "auroc"
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             v = values.iat[i, j]
-            ax.text(j, i, "n/a" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
-                    fontsize=7, color="white" if np.isfinite(v) and v < mid else "black")
-    ax.set_xticks(range(len(patterns)),
-                  [f"{p}\n(n={int(c)})" for p, c in zip(patterns, counts)], rotation=60,
-                  ha="right", fontsize=7)
+            ax.text(
+                j,
+                i,
+                "n/a" if not np.isfinite(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if np.isfinite(v) and v < mid else "black",
+            )
+    ax.set_xticks(
+        range(len(patterns)),
+        [f"{p}\n(n={int(c)})" for p, c in zip(patterns, counts)],
+        rotation=60,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_yticks(range(len(runs)), runs, fontsize=8)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=LABELS.get(metric, metric))

@@ -37,14 +37,16 @@ def _fmt(v: float, ci_low: float = math.nan, ci_high: float = math.nan) -> str:
     return f"{v:.3f}"
 
 
-def summary_table(grid: pd.DataFrame, metric: str = "auroc",
-                  points: list[str] | None = None) -> pd.DataFrame:
+def summary_table(
+    grid: pd.DataFrame, metric: str = "auroc", points: list[str] | None = None
+) -> pd.DataFrame:
     """``metric`` with CI as text, points (rows) x runs (columns), for the reports."""
     df = grid[grid["metric"] == metric]
     if points is not None:
         df = df[df["point"].isin(points)]
-    df = df.assign(text=[_fmt(v, lo, hi) for v, lo, hi in
-                         zip(df["value"], df["ci_low"], df["ci_high"])])
+    df = df.assign(
+        text=[_fmt(v, lo, hi) for v, lo, hi in zip(df["value"], df["ci_low"], df["ci_high"])]
+    )
     order = list(dict.fromkeys(df["point"]))
     table = df.pivot_table(index="point", columns="run", values="text", aggfunc="first")
     table = table.reindex(index=order, columns=list(dict.fromkeys(df["run"])))
@@ -99,16 +101,22 @@ def write_outputs(result, out_dir: Path) -> dict[str, Path]:
     files["meta.json"] = out_dir / "meta.json"
 
     oracle = result.oracle
-    oracle_auroc = (float(oracle.loc[oracle["metric"] == "auroc", "value"].iloc[0])
-                    if len(oracle) else None)
+    oracle_auroc = (
+        float(oracle.loc[oracle["metric"] == "auroc", "value"].iloc[0]) if len(oracle) else None
+    )
     plots = {
-        "auroc_vs_rate.png": metric_vs_rate(result.grid, out_dir / "auroc_vs_rate.png", "auroc",
-                                            oracle_auroc),
-        "patterns.png": pattern_heatmap(result.grid, out_dir / "patterns.png", "auroc",
-                                        "AUROC under fixed modality patterns"),
+        "auroc_vs_rate.png": metric_vs_rate(
+            result.grid, out_dir / "auroc_vs_rate.png", "auroc", oracle_auroc
+        ),
+        "patterns.png": pattern_heatmap(
+            result.grid, out_dir / "patterns.png", "auroc", "AUROC under fixed modality patterns"
+        ),
         "natural_patterns.png": pattern_heatmap(
-            result.natural, out_dir / "natural_patterns.png", "auroc",
-            "AUROC by naturally observed modality combination"),
+            result.natural,
+            out_dir / "natural_patterns.png",
+            "auroc",
+            "AUROC by naturally observed modality combination",
+        ),
     }
     files.update({k: v for k, v in plots.items() if v is not None})
     files["summary.md"] = write_markdown(result, out_dir, [k for k, v in plots.items() if v])
@@ -118,11 +126,16 @@ def write_outputs(result, out_dir: Path) -> dict[str, Path]:
 
 def _sections(result) -> list[tuple[str, pd.DataFrame]]:
     grid = result.grid
-    out = [("AUROC at selected points (95% bootstrap CI)",
-            summary_table(grid, "auroc", _points_of_interest(grid)))]
+    out = [
+        (
+            "AUROC at selected points (95% bootstrap CI)",
+            summary_table(grid, "auroc", _points_of_interest(grid)),
+        )
+    ]
     for metric in ("auprc", "f1", "ece", "brier"):
-        out.append((f"{LABELS[metric]} at natural missingness",
-                    summary_table(grid, metric, ["natural"])))
+        out.append(
+            (f"{LABELS[metric]} at natural missingness", summary_table(grid, metric, ["natural"]))
+        )
     patterns = grid[grid["mechanism"] == "pattern"]
     if len(patterns):
         out.append(("AUROC under fixed patterns", summary_table(patterns, "auroc")))
@@ -144,12 +157,16 @@ def _header_lines(result) -> list[str]:
     ]
     runs = result.runs
     for _, r in runs.iterrows():
-        lines.append(f"Run {r['run']} ({r['head']}, id {r['run_id']}): validation AUROC "
-                     f"{_fmt(r['val_auroc'])}, F1 threshold {r['threshold']}.")
+        lines.append(
+            f"Run {r['run']} ({r['head']}, id {r['run_id']}): validation AUROC "
+            f"{_fmt(r['val_auroc'])}, F1 threshold {r['threshold']}."
+        )
     if len(result.oracle):
         o = result.oracle.set_index("metric")
-        lines.append("Oracle (true risk, same test stays): AUROC "
-                     f"{_fmt(o.at['auroc', 'value'], o.at['auroc', 'ci_low'], o.at['auroc', 'ci_high'])}.")
+        lines.append(
+            "Oracle (true risk, same test stays): AUROC "
+            f"{_fmt(o.at['auroc', 'value'], o.at['auroc', 'ci_low'], o.at['auroc', 'ci_high'])}."
+        )
     else:
         lines.append(f"Oracle: {meta['oracle']}.")
     return lines
@@ -162,8 +179,11 @@ def write_markdown(result, out_dir: Path, plots: list[str]) -> Path:
     for title, table in _sections(result):
         parts += ["", f"## {title}", "", markdown_table(table)]
     parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    parts += ["", "Tables: grid.csv / grid.parquet (tidy), natural.csv, runs.csv, oracle.csv, "
-              "masks.parquet (stay ids only)."]
+    parts += [
+        "",
+        "Tables: grid.csv / grid.parquet (tidy), natural.csv, runs.csv, oracle.csv, "
+        "masks.parquet (stay ids only).",
+    ]
     path = out_dir / "summary.md"
     path.write_text("\n".join(parts) + "\n")
     return path
@@ -176,15 +196,21 @@ def write_html(result, out_dir: Path, plots: list[str]) -> Path:
     body.append("</ul>")
     for p in plots:
         data = base64.b64encode((out_dir / p).read_bytes()).decode("ascii")
-        body.append(f'<figure><img alt="{html.escape(p)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(p)}</figcaption></figure>")
+        body.append(
+            f'<figure><img alt="{html.escape(p)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(p)}</figcaption></figure>"
+        )
     for title, table in _sections(result):
         body += [f"<h2>{html.escape(title)}</h2>", table.to_html(border=0, escape=True)]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}"
-             "table{border-collapse:collapse;font-size:12px}td,th{padding:3px 8px;"
-             "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
-    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>clinical_moe evaluation"
-           f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;font-size:12px}td,th{padding:3px 8px;"
+        "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}"
+    )
+    doc = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>clinical_moe evaluation"
+        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
     path = out_dir / "report.html"
     path.write_text(doc)
     return path

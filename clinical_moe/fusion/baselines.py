@@ -14,7 +14,9 @@ from clinical_moe.types import FusionOutput, ModalityTokens
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out)
+    )
 
 
 @HEADS.register("late")
@@ -26,13 +28,27 @@ class LateFusion(FusionHead):
         dropout: Dropout inside the classifiers.
     """
 
-    def __init__(self, modalities, d_model, num_classes, num_tokens=None, hidden: int = 64, dropout: float = 0.1):
+    def __init__(
+        self,
+        modalities,
+        d_model,
+        num_classes,
+        num_tokens=None,
+        hidden: int = 64,
+        dropout: float = 0.1,
+    ):
         super().__init__(modalities, d_model, num_classes, num_tokens)
-        self.classifiers = nn.ModuleDict({m: _mlp(d_model, hidden, num_classes, dropout) for m in self.modalities})
+        self.classifiers = nn.ModuleDict(
+            {m: _mlp(d_model, hidden, num_classes, dropout) for m in self.modalities}
+        )
 
     def forward(self, tokens: dict[str, ModalityTokens], present, labels=None) -> FusionOutput:
         per = torch.stack(
-            [self.classifiers[m](masked_mean(tokens[m].tokens, tokens[m].mask)) for m in self.modalities], 1
+            [
+                self.classifiers[m](masked_mean(tokens[m].tokens, tokens[m].mask))
+                for m in self.modalities
+            ],
+            1,
         )  # (B, M, C)
         w = present.to(per.dtype).unsqueeze(-1)  # (B, M, 1)
         logits = (per * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, C)
@@ -48,13 +64,23 @@ class ConcatFusion(FusionHead):
         dropout: MLP dropout.
     """
 
-    def __init__(self, modalities, d_model, num_classes, num_tokens=None, hidden: int = 128, dropout: float = 0.1):
+    def __init__(
+        self,
+        modalities,
+        d_model,
+        num_classes,
+        num_tokens=None,
+        hidden: int = 128,
+        dropout: float = 0.1,
+    ):
         super().__init__(modalities, d_model, num_classes, num_tokens)
         self.missing = nn.Parameter(torch.zeros(len(self.modalities), d_model))
         self.mlp = _mlp(d_model * len(self.modalities), hidden, num_classes, dropout)
 
     def forward(self, tokens, present, labels=None) -> FusionOutput:
-        pooled = torch.stack([masked_mean(tokens[m].tokens, tokens[m].mask) for m in self.modalities], 1)
+        pooled = torch.stack(
+            [masked_mean(tokens[m].tokens, tokens[m].mask) for m in self.modalities], 1
+        )
         pooled = torch.where(present.unsqueeze(-1), pooled, self.missing.unsqueeze(0))  # (B, M, D)
         logits = self.mlp(pooled.flatten(1))  # (B, M*D) -> (B, C)
         return FusionOutput(logits, zero_loss(logits))
@@ -72,13 +98,26 @@ class TransformerFusion(FusionHead):
     """
 
     def __init__(
-        self, modalities, d_model, num_classes, num_tokens=None,
-        num_layers: int = 2, num_heads: int = 4, ffn_mult: int = 2, dropout: float = 0.1,
+        self,
+        modalities,
+        d_model,
+        num_classes,
+        num_tokens=None,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ffn_mult: int = 2,
+        dropout: float = 0.1,
     ):
         super().__init__(modalities, d_model, num_classes, num_tokens)
         self.type_embed = nn.Parameter(torch.randn(len(self.modalities), d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            d_model, num_heads, d_model * ffn_mult, dropout, activation="gelu", batch_first=True, norm_first=True
+            d_model,
+            num_heads,
+            d_model * ffn_mult,
+            dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)

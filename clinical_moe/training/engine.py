@@ -102,9 +102,13 @@ def build_model(cfg: Config, data: Data) -> MultimodalModel:
     if "task" in inspect.signature(HEADS.get(cfg.model.name)).parameters and "task" not in head:
         head["task"] = data.task
     return create_model(
-        cfg.model.name, modalities=cfg.data.modalities, num_classes=data.num_classes,
-        d_model=cfg.model.d_model, num_tokens=cfg.model.num_tokens,
-        encoders=encoder_options(cfg, data.encoder_kwargs), **head,
+        cfg.model.name,
+        modalities=cfg.data.modalities,
+        num_classes=data.num_classes,
+        d_model=cfg.model.d_model,
+        num_tokens=cfg.model.num_tokens,
+        encoders=encoder_options(cfg, data.encoder_kwargs),
+        **head,
     )
 
 
@@ -124,7 +128,9 @@ def build_scheduler(opt: torch.optim.Optimizer, kind: str, warmup: int, total: i
 
 def seeded(*parts: int) -> torch.Generator:
     """A CPU generator seeded from integers (DataLoader base seeds never touch the global RNG)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,20 +154,36 @@ def predict(model: MultimodalModel, loader, device, routing: RoutingStats | None
     return np.asarray(ids), torch.cat(labels), torch.cat(logits)
 
 
-def evaluate(model, dataset: CachedDataset, data: Data, cfg: Config, info: D.DistInfo,
-             routing: bool = False, prefix: str = "val") -> dict[str, float]:
+def evaluate(
+    model,
+    dataset: CachedDataset,
+    data: Data,
+    cfg: Config,
+    info: D.DistInfo,
+    routing: bool = False,
+    prefix: str = "val",
+) -> dict[str, float]:
     """AUROC / AUPRC / F1 / loss of ``dataset``; under DDP each rank scores a slice, then gather."""
     idx = list(range(info.rank, len(dataset), info.world_size))  # no padding: every stay once
-    loader = DataLoader(Subset(dataset, idx), batch_size=cfg.train.batch_size, shuffle=False,
-                        collate_fn=Collator(dataset), num_workers=cfg.train.num_workers,
-                        generator=seeded(cfg.seed, 7))
+    loader = DataLoader(
+        Subset(dataset, idx),
+        batch_size=cfg.train.batch_size,
+        shuffle=False,
+        collate_fn=Collator(dataset),
+        num_workers=cfg.train.num_workers,
+        generator=seeded(cfg.seed, 7),
+    )
     stats = RoutingStats(cfg.data.modalities) if routing else None
     ids, y, logits = predict(model, loader, info.device, stats)
     parts = D.gather_objects((ids, y, logits, stats), info)
     y = torch.cat([p[1] for p in parts])
     logits = torch.cat([p[2] for p in parts])
-    out = {f"{prefix}_{k}": v for k, v in classification_metrics(
-        y.numpy(), probabilities(logits, data.task), data.task).items()}
+    out = {
+        f"{prefix}_{k}": v
+        for k, v in classification_metrics(
+            y.numpy(), probabilities(logits, data.task), data.task
+        ).items()
+    }
     out[f"{prefix}_loss"] = float(task_loss(logits, y, data.task)) if len(y) else math.nan
     if routing:
         merged = RoutingStats(cfg.data.modalities)
@@ -200,9 +222,16 @@ class Trainer:
         quiet: No progress bars.
     """
 
-    def __init__(self, cfg: Config, cache_dir: str | Path, ckpt: CheckpointDir,
-                 logger: RunLogger | None = None, info: D.DistInfo | None = None,
-                 resume: dict | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        cache_dir: str | Path,
+        ckpt: CheckpointDir,
+        logger: RunLogger | None = None,
+        info: D.DistInfo | None = None,
+        resume: dict | None = None,
+        quiet: bool = False,
+    ) -> None:
         self.cfg, self.ckpt, self.quiet = cfg, ckpt, quiet
         self.info = info or D.DistInfo()
         self.logger = logger or NullLogger()
@@ -216,12 +245,20 @@ class Trainer:
         self.model = build_model(cfg, self.data).to(self.info.device)
         self.net = D.wrap_ddp(self.model, self.info)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.sampler = TrainSampler(self.data.train.present, t.sampler, cfg.seed, t.warmup_epochs,
-                                    self.info.world_size, self.info.rank)
+        self.sampler = TrainSampler(
+            self.data.train.present,
+            t.sampler,
+            cfg.seed,
+            t.warmup_epochs,
+            self.info.world_size,
+            self.info.rank,
+        )
         self.steps_per_epoch = math.ceil(len(self.sampler.order()) / t.batch_size)
         if t.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, t.max_steps_per_epoch)
-        self.sched = build_scheduler(self.opt, t.scheduler, t.warmup_steps, t.epochs * self.steps_per_epoch)
+        self.sched = build_scheduler(
+            self.opt, t.scheduler, t.warmup_steps, t.epochs * self.steps_per_epoch
+        )
         # 3. per-rank randomness of training (dropout, noisy gates, modality dropout)
         seed_everything(cfg.seed + 1000 * self.info.rank, t.deterministic)
         self.aug = seeded(cfg.seed, self.info.rank, 11)
@@ -237,11 +274,18 @@ class Trainer:
         """Everything needed to continue exactly where we are (RNG of every rank gathered)."""
         rng = D.gather_objects(capture_rng(self.aug), self.info)
         return {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "rng": rng, "world_size": self.info.world_size,
-            "epoch": self.epoch, "step": self.step, "position": self.position,
-            "early_stopping": dict(self.early), "meters": dict(self.meters),
-            "run_id": self.logger.run_id, "head": self.cfg.model.name,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng,
+            "world_size": self.info.world_size,
+            "epoch": self.epoch,
+            "step": self.step,
+            "position": self.position,
+            "early_stopping": dict(self.early),
+            "meters": dict(self.meters),
+            "run_id": self.logger.run_id,
+            "head": self.cfg.model.name,
         }
 
     def load_state(self, ckpt: dict) -> None:
@@ -252,7 +296,9 @@ class Trainer:
         self.early = dict(ckpt["early_stopping"])
         self.meters = defaultdict(float, ckpt["meters"])
         rngs = ckpt["rng"]
-        restore_rng(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0], self.aug)
+        restore_rng(
+            rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0], self.aug
+        )
 
     def save(self, name: str = "last.pt") -> None:
         state = self.state()  # collective: every rank calls it
@@ -266,7 +312,9 @@ class Trainer:
         if self.data.task == "multiclass":  # collate gives float labels; heads expect class ids
             batch = replace(batch, labels=batch.labels.long())
         if t.modality_dropout > 0:
-            batch = batch.with_present(modality_dropout(batch.present, t.modality_dropout, self.aug))
+            batch = batch.with_present(
+                modality_dropout(batch.present, t.modality_dropout, self.aug)
+            )
         self.net.train()
         out = self.net(batch)
         loss_task = task_loss(out.logits, batch.labels, self.data.task)
@@ -290,11 +338,22 @@ class Trainer:
         """Train the rest of the current epoch (from ``position``); returns samples per second."""
         t = self.cfg.train
         self.sampler.set_epoch(self.epoch, start=self.position * t.batch_size)
-        loader = DataLoader(self.data.train, batch_size=t.batch_size, sampler=self.sampler,
-                            collate_fn=Collator(self.data.train), num_workers=t.num_workers,
-                            generator=seeded(self.cfg.seed, self.epoch))
-        bar = tqdm(total=self.steps_per_epoch, initial=self.position, disable=self.quiet,
-                   desc=f"epoch {self.epoch + 1}/{t.epochs}", unit="batch", leave=False)
+        loader = DataLoader(
+            self.data.train,
+            batch_size=t.batch_size,
+            sampler=self.sampler,
+            collate_fn=Collator(self.data.train),
+            num_workers=t.num_workers,
+            generator=seeded(self.cfg.seed, self.epoch),
+        )
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.position,
+            disable=self.quiet,
+            desc=f"epoch {self.epoch + 1}/{t.epochs}",
+            unit="batch",
+            leave=False,
+        )
         kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         start, seen = time.perf_counter(), 0
         for batch in loader:
@@ -319,11 +378,15 @@ class Trainer:
         meters = D.all_reduce_sum(dict(self.meters), self.info)
         n = max(1.0, meters.pop("n", 0.0))
         metrics = {k: v / n for k, v in meters.items()}
-        metrics.update(evaluate(self.model, self.data.val, self.data, self.cfg, self.info, routing=True))
+        metrics.update(
+            evaluate(self.model, self.data.val, self.data, self.cfg, self.info, routing=True)
+        )
         metrics["lr"] = self.opt.param_groups[0]["lr"]
         metrics["train_samples_per_s"] = samples_per_s
         auroc = metrics["val_auroc"]
-        score = auroc if math.isfinite(auroc) else -metrics["val_loss"]  # one-class val: use the loss
+        score = (
+            auroc if math.isfinite(auroc) else -metrics["val_loss"]
+        )  # one-class val: use the loss
         improved = score > self.early["best"]
         if improved:
             self.early.update(best=score, best_epoch=self.epoch, bad=0)
@@ -344,8 +407,14 @@ class Trainer:
             self.end_epoch(speeds[-1])
         final = self.final_metrics()
         self.logger.log_metrics(final, step=self.epoch)
-        return TrainResult(self.logger.run_id, self.early["best_epoch"], final, self.ckpt.path,
-                           float(np.mean(speeds)) if speeds else math.nan, self.step)
+        return TrainResult(
+            self.logger.run_id,
+            self.early["best_epoch"],
+            final,
+            self.ckpt.path,
+            float(np.mean(speeds)) if speeds else math.nan,
+            self.step,
+        )
 
     def final_metrics(self) -> dict[str, float]:
         """Val and test scores of the best checkpoint (rank 0 reads it and broadcasts)."""
@@ -355,9 +424,13 @@ class Trainer:
         best = D.broadcast_object(best, self.info)
         if best is not None:
             self.model.load_state_dict(best)
-        out = {f"best_{k}": v for k, v in evaluate(
-            self.model, self.data.val, self.data, self.cfg, self.info).items()}
+        out = {
+            f"best_{k}": v
+            for k, v in evaluate(self.model, self.data.val, self.data, self.cfg, self.info).items()
+        }
         if self.data.test is not None:
-            out.update(evaluate(self.model, self.data.test, self.data, self.cfg, self.info, prefix="test"))
+            out.update(
+                evaluate(self.model, self.data.test, self.data, self.cfg, self.info, prefix="test")
+            )
         out["best_epoch"] = float(self.early["best_epoch"])
         return out

@@ -36,7 +36,9 @@ def infer_task(label_columns: Sequence[str], labels: np.ndarray | None = None) -
     return "binary"
 
 
-def num_classes_for(task: str, label_columns: Sequence[str], labels: np.ndarray | None = None) -> int:
+def num_classes_for(
+    task: str, label_columns: Sequence[str], labels: np.ndarray | None = None
+) -> int:
     """Logits per sample: 1 (binary), the number of columns (multilabel) or of class ids."""
     if task == "binary":
         return 1

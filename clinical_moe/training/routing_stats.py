@@ -64,7 +64,8 @@ class RoutingStats:
             if counts.shape != (rows, E):
                 continue  # inconsistent shapes across batches: keep the first layout
             tok_mod = (
-                tm.detach().long().cpu().view(1, T).expand(B, T) if per_mod
+                tm.detach().long().cpu().view(1, T).expand(B, T)
+                if per_mod
                 else torch.zeros(B, T, dtype=torch.long)
             )  # (B, T)
             valid = (idx >= 0) & (idx < E) & routed.unsqueeze(-1)  # (B, T, k)
@@ -126,7 +127,9 @@ class RoutingStats:
         return out
 
 
-def routing_stats(gates_list: Sequence[Mapping[str, torch.Tensor]], modalities: Sequence[str]) -> dict:
+def routing_stats(
+    gates_list: Sequence[Mapping[str, torch.Tensor]], modalities: Sequence[str]
+) -> dict:
     """One-shot helper: the statistics of several batches' gates."""
     acc = RoutingStats(modalities)
     for g in gates_list:

@@ -31,8 +31,15 @@ class TrainSampler(Sampler[int]):
         rank: This process's rank.
     """
 
-    def __init__(self, present: np.ndarray, kind: str = "random", seed: int = 0,
-                 warmup_epochs: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        present: np.ndarray,
+        kind: str = "random",
+        seed: int = 0,
+        warmup_epochs: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         if kind not in ("random", "by_modality_count"):
             raise ValueError(f"unknown sampler {kind!r}; use random or by_modality_count")
         self.n = len(present)

@@ -46,7 +46,8 @@ def test_input_ig_is_complete_and_zero_without_the_modality(setup, modality, key
     absent = ~batch.present_of(modality)
     assert torch.all(attr[absent] == 0)
     gap = _log_odds(model, batch, modality, key, x) - _log_odds(
-        model, batch, modality, key, torch.zeros_like(x))
+        model, batch, modality, key, torch.zeros_like(x)
+    )
     total = attr.flatten(1).sum(1)
     torch.testing.assert_close(total, gap, atol=2e-3 + 0.05 * gap.abs().max().item(), rtol=0)
     assert total[~absent].abs().min() > 0
@@ -58,8 +59,12 @@ def test_tables_of_the_drilldown(setup):
     names = [f"v{i}" for i in range(ehr.shape[-1])]
     table = ehr_variables(ehr, names, batch.ids)
     assert len(table) == 3 * len(names)
-    np.testing.assert_allclose(table.groupby("stay_id", sort=False)["attribution"].sum(),
-                               ehr.flatten(1).sum(1).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        table.groupby("stay_id", sort=False)["attribution"].sum(),
+        ehr.flatten(1).sum(1).numpy(),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     sal = cxr_saliency(input_integrated_gradients(model, batch, TARGET, "cxr", n_steps=8))
     assert sal.shape == (3, *batch.inputs["cxr"]["image"].shape[-2:])
 
@@ -74,7 +79,8 @@ def test_ecg_occlusion_matches_flattening_a_window_by_hand(setup):
         flat = x.clone()
         flat[:, :, lead, b * S // 4 : (b + 1) * S // 4] = 0
         expect = _log_odds(model, batch, "ecg", "signal", x) - _log_odds(
-            model, batch, "ecg", "signal", flat)
+            model, batch, "ecg", "signal", flat
+        )
         np.testing.assert_allclose(occ[:2, lead, b], expect[:2].numpy(), atol=1e-5)
 
 

@@ -19,11 +19,17 @@ def corpus(tmp_path):
     """A corpus root with ``truth/``: 40 stays with known factors, ages and modalities."""
     rng = np.random.default_rng(0)
     n = 40
-    stays = pd.DataFrame({
-        "stay_id": 1000 + np.arange(n), "age": np.full(n, 65.0),
-        "severity": np.abs(rng.normal(size=n)) + 0.6, "cardiac": rng.integers(0, 2, n),
-        "pulmonary": rng.integers(0, 2, n), "infection": rng.integers(0, 2, n),
-        "true_risk": rng.random(n)})
+    stays = pd.DataFrame(
+        {
+            "stay_id": 1000 + np.arange(n),
+            "age": np.full(n, 65.0),
+            "severity": np.abs(rng.normal(size=n)) + 0.6,
+            "cardiac": rng.integers(0, 2, n),
+            "pulmonary": rng.integers(0, 2, n),
+            "infection": rng.integers(0, 2, n),
+            "true_risk": rng.random(n),
+        }
+    )
     # planted single-factor stays (the others are too severe): 0-4 cardiac only, 5-9 pulmonary
     # only, 10 cardiac only but too severe
     stays.loc[0:10, ["severity", "cardiac", "pulmonary", "infection"]] = 0
@@ -37,8 +43,9 @@ def corpus(tmp_path):
     has[5:, 2] = rng.random(n - 5) < 0.5  # ECG for all cardiac-only stays
     has[11:, 1] = rng.random(n - 11) < 0.5  # CXR for all pulmonary-only stays
     has[12, 1:] = False  # an EHR-only stay
-    present = pd.DataFrame({"stay_id": stays["stay_id"],
-                            **{f"has_{m}": has[:, i] for i, m in enumerate(MODS)}})
+    present = pd.DataFrame(
+        {"stay_id": stays["stay_id"], **{f"has_{m}": has[:, i] for i, m in enumerate(MODS)}}
+    )
     return tmp_path, stays, present
 
 
@@ -55,23 +62,31 @@ def test_true_effects_split_each_term_among_present_carriers(corpus):
     root, stays, present = corpus
     effects = json.loads((root / "truth" / "effects.json").read_text())
     truth = true_effects(stays, effects, present, MODS)
-    assert np.all(truth[[f"true_{m}" for m in MODS]].to_numpy()[
-        ~present[[f"has_{m}" for m in MODS]].to_numpy()] == 0)
+    assert np.all(
+        truth[[f"true_{m}" for m in MODS]].to_numpy()[
+            ~present[[f"has_{m}" for m in MODS]].to_numpy()
+        ]
+        == 0
+    )
     # stay 12 has only the EHR: it carries severity, infection, age and the infection half of the
     # interaction; cardiac and pulmonary are invisible
     s = stays.set_index("stay_id")
     c = OUTCOME_COEF
     inter = s["pulmonary"] * s["infection"]
     row = s.loc[1012]
-    expect = (c["severity"] * (row.severity - s.severity.mean())
-              + c["infection"] * (row.infection - s.infection.mean())
-              + 0.5 * c["pulmonary_x_infection"] * (inter[1012] - inter.mean()))
+    expect = (
+        c["severity"] * (row.severity - s.severity.mean())
+        + c["infection"] * (row.infection - s.infection.mean())
+        + 0.5 * c["pulmonary_x_infection"] * (inter[1012] - inter.mean())
+    )
     got = truth.set_index("stay_id").loc[1012]
     np.testing.assert_allclose(got["true_ehr"], expect, rtol=1e-9)
     # a stay with every modality: ECG carries only cardiac
     row0 = s.loc[1000]
-    np.testing.assert_allclose(got_ecg := truth.set_index("stay_id").loc[1000, "true_ecg"],
-                               c["cardiac"] * (row0.cardiac - s.cardiac.mean()))
+    np.testing.assert_allclose(
+        got_ecg := truth.set_index("stay_id").loc[1000, "true_ecg"],
+        c["cardiac"] * (row0.cardiac - s.cardiac.mean()),
+    )
     assert got_ecg > 0
 
 
@@ -116,10 +131,15 @@ def test_synergy_weight_is_compared_where_the_interaction_acts(corpus):
 
 def test_without_truth_everything_is_not_available(corpus, tmp_path):
     root, _, present = corpus
-    assert find_truth({"data_root": str(root), "task": "ihm48",
-                       "label_columns": ["mortality"]})[0] == root / "truth"
-    for summary in ({}, {"data_root": str(tmp_path / "nowhere")},
-                    {"data_root": str(root), "task": "los3", "label_columns": ["los3"]}):
+    assert (
+        find_truth({"data_root": str(root), "task": "ihm48", "label_columns": ["mortality"]})[0]
+        == root / "truth"
+    )
+    for summary in (
+        {},
+        {"data_root": str(tmp_path / "nowhere")},
+        {"data_root": str(root), "task": "los3", "label_columns": ["los3"]},
+    ):
         path, reason = find_truth(summary)
         assert path is None and reason
         out = faithfulness(present, path, MODS, reason=reason)["faithfulness"]

@@ -29,12 +29,18 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("CLINICAL_MOE_RUN_ID", raising=False)
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO)}}).execute()
-    text = "".join(out.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for out in c.outputs)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    ).execute()
+    text = "".join(
+        out.get("text", "") for c in nb.cells if c.cell_type == "code" for out in c.outputs
+    )
     assert "stays, modalities" in text and "test AUROC" in text
-    images = sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code"
-                 for out in c.outputs)
+    images = sum(
+        "image/png" in out.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
+        for out in c.outputs
+    )
     assert images >= 4  # importance, patterns, routing, faithfulness / stay plots
     assert (tmp_path / "nb" / "downloads").is_dir()

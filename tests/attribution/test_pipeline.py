@@ -28,25 +28,42 @@ def trained(tmp_path_factory):
     generate_corpus(root, n_patients=100, seed=0, image_size=(48, 64), quiet=True, workers=1)
     uri = f"sqlite:///{tmp}/mlflow.db"
     overrides = {
-        "data.root": root, "data.cache_dir": tmp / "cache", "data.image_size": 32,
-        "data.ecg_samples": 256, "data.note_max_len": 32, "data.note_vocab": 300,
-        "data.workers": 1, "train.checkpoint_dir": tmp / "ckpt", "train.num_threads": 1,
-        "tracking.log_model": "false", "tracking.run_name": "attr-e2e",
+        "data.root": root,
+        "data.cache_dir": tmp / "cache",
+        "data.image_size": 32,
+        "data.ecg_samples": 256,
+        "data.note_max_len": 32,
+        "data.note_vocab": 300,
+        "data.workers": 1,
+        "train.checkpoint_dir": tmp / "ckpt",
+        "train.num_threads": 1,
+        "tracking.log_model": "false",
+        "tracking.run_name": "attr-e2e",
     }
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # MLflow puts a new experiment's artifacts under ./mlruns
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         torch.set_num_threads(1)
-        args = ["--config", str(REPO / "configs" / "tiny" / "fusemoe.yaml"), "--quiet",
-                *[f"{k}={v}" for k, v in overrides.items()]]
+        args = [
+            "--config",
+            str(REPO / "configs" / "tiny" / "fusemoe.yaml"),
+            "--quiet",
+            *[f"{k}={v}" for k, v in overrides.items()],
+        ]
         assert train_pipeline.main(args) == 0
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("clinical_moe")
     (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'attr-e2e'")
-    return {"tmp": tmp, "root": root, "uri": uri, "client": client, "run_id": run.info.run_id,
-            "checkpoint": tmp / "ckpt" / "attr-e2e" / "best.pt"}
+    return {
+        "tmp": tmp,
+        "root": root,
+        "uri": uri,
+        "client": client,
+        "run_id": run.info.run_id,
+        "checkpoint": tmp / "ckpt" / "attr-e2e" / "best.pt",
+    }
 
 
 def _artifacts(client, run_id, path=None) -> set[str]:
@@ -81,7 +98,8 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
 
     per = tables["per_stay"]
     test_ids = pd.read_parquet(trained["tmp"] / "cache" / "manifest.parquet").query(
-        "split == 'test'")["stay_id"]
+        "split == 'test'"
+    )["stay_id"]
     assert sorted(per["stay_id"]) == sorted(test_ids) and len(per) >= 3
     mods = ("ehr", "cxr", "ecg", "notes")
     shap = per[[f"shapley_{m}" for m in mods]].to_numpy()
@@ -94,17 +112,25 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
     loaded = load_run(checkpoint=trained["checkpoint"])
     from clinical_moe.data.dataset import Collator
 
-    loader = torch.utils.data.DataLoader(loaded.data.test, batch_size=16,
-                                         collate_fn=Collator(loaded.data.test))
+    loader = torch.utils.data.DataLoader(
+        loaded.data.test, batch_size=16, collate_fn=Collator(loaded.data.test)
+    )
     ids, _, logits = predict(loaded.model, loader, "cpu")
     risk = pd.Series(torch.sigmoid(logits[:, 0]).numpy(), index=ids)
-    np.testing.assert_allclose(per.set_index("stay_id")["risk"], risk.loc[per["stay_id"]],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        per.set_index("stay_id")["risk"], risk.loc[per["stay_id"]], atol=1e-5
+    )
     prevalence = loaded.data.train.labels.mean()
     np.testing.assert_allclose(per["base_log_odds"], np.log(prevalence / (1 - prevalence)))
 
-    for name in ("per_stay", "modality_summary", "pattern_summary", "routing_by_modality",
-                 "routing_specialisation", "faithfulness"):
+    for name in (
+        "per_stay",
+        "modality_summary",
+        "pattern_summary",
+        "routing_by_modality",
+        "routing_specialisation",
+        "faithfulness",
+    ):
         assert (out / "tables" / f"{name}.csv").is_file()
         back = pd.read_parquet(out / "tables" / f"{name}.parquet")
         assert len(back) == len(tables[name])
@@ -116,8 +142,12 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
 
     client, run_id = trained["client"], trained["run_id"]
     arts = _artifacts(client, run_id, "attribution")
-    assert {"attribution/report.html", "attribution/tables/per_stay.csv",
-            "attribution/tables/per_stay.parquet", "attribution/figures/importance.png"} <= arts
+    assert {
+        "attribution/report.html",
+        "attribution/tables/per_stay.csv",
+        "attribution/tables/per_stay.parquet",
+        "attribution/figures/importance.png",
+    } <= arts
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert "attribution/shapley/spearman_pooled" in run.data.metrics
@@ -140,8 +170,23 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
 def test_cli_from_a_checkpoint(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
     out = tmp_path / "cli"
-    assert cli.main(["attribute", "--checkpoint", str(trained["checkpoint"]), "--out", str(out),
-                     "--max-stays", "3", "--quiet", "--ig-steps", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "attribute",
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--out",
+                str(out),
+                "--max-stays",
+                "3",
+                "--quiet",
+                "--ig-steps",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert str(out / "report.html") in printed and "3 test stays" in printed
     per = pd.read_csv(out / "tables" / "per_stay.csv")

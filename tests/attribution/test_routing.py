@@ -33,9 +33,14 @@ def _routing(name, seeds=(1, 2)):
     return acc.tables(), gates, observed
 
 
-MOE = [h for h in list_models()
-       if any(k.endswith("router_probs") for k in _gates(tiny_model(h), random_batch(
-           tiny_model(h), batch_size=2, seed=0))[0])]
+MOE = [
+    h
+    for h in list_models()
+    if any(
+        k.endswith("router_probs")
+        for k in _gates(tiny_model(h), random_batch(tiny_model(h), batch_size=2, seed=0))[0]
+    )
+]
 
 
 def test_the_moe_heads_are_found():

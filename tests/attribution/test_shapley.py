@@ -74,8 +74,7 @@ def test_exact_matches_brute_force_enumeration(name):
     model = tiny_model(name)
     batch = _batch(model, n=8, seed=3)
     phi = modality_shapley(PresenceGame(model, batch, TARGET))
-    torch.testing.assert_close(phi, brute_force_shapley(model, batch, TARGET), atol=2e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(phi, brute_force_shapley(model, batch, TARGET), atol=2e-5, rtol=1e-4)
 
 
 def test_naturally_absent_modalities_get_zero_and_present_ones_do_not():
@@ -159,8 +158,9 @@ def test_same_numbers_twice():
         if key == "pattern":
             assert first[key] == second[key]
             continue
-        a, b = (torch.tensor(x[key], dtype=torch.float64).nan_to_num(-99.0)
-                for x in (first, second))
+        a, b = (
+            torch.tensor(x[key], dtype=torch.float64).nan_to_num(-99.0) for x in (first, second)
+        )
         assert torch.equal(a, b), key
 
 

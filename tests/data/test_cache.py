@@ -28,9 +28,16 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _cfg(root: Path, cache: Path, **data):
-    overrides = {"data.root": str(root), "data.cache_dir": str(cache), "data.workers": 1,
-                 "data.image_size": 32, "data.ecg_samples": 250, "data.note_max_len": 32,
-                 "data.note_vocab": 200, **{f"data.{k}": v for k, v in data.items()}}
+    overrides = {
+        "data.root": str(root),
+        "data.cache_dir": str(cache),
+        "data.workers": 1,
+        "data.image_size": 32,
+        "data.ecg_samples": 250,
+        "data.note_max_len": 32,
+        "data.note_vocab": 200,
+        **{f"data.{k}": v for k, v in data.items()},
+    }
     return load_config({}, [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -105,7 +112,8 @@ def test_corrupt_files_are_counted_skips_and_the_stays_stay(corpus, tmp_path):
     assert n_ecg == summary["ecg"]["paired_records"] > 0
     skipped = {s["path"] for s in summary["skipped_files"]["files"]}
     assert skipped <= {str(p) for p in dicoms} | {str(p.with_suffix("")) for p in dats} | {
-        str(p) for p in dats}, "each skip names the file at fault"
+        str(p) for p in dats
+    }, "each skip names the file at fault"
     manifest = pd.read_parquet(cache / "manifest.parquet")
     assert set(manifest["stay_id"]) == ihm  # no stay dropped
     assert not manifest["has_ecg"].any()  # the modalities became missing instead

@@ -142,8 +142,12 @@ def test_voi_lut_sequence(tmp_path):
 # Display attribute sets: LUT routes must agree on each.
 DISPLAY_CASES = {
     "window": {"WindowCenter": 2048, "WindowWidth": 1024},
-    "rescale": {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 3000,
-                "WindowWidth": 2000},
+    "rescale": {
+        "RescaleSlope": 2,
+        "RescaleIntercept": -1000,
+        "WindowCenter": 3000,
+        "WindowWidth": 2000,
+    },
     "sigmoid": {"WindowCenter": 1500, "WindowWidth": 3000, "VOILUTFunction": "SIGMOID"},
     "signed": {"PixelRepresentation": 1, "WindowCenter": -100, "WindowWidth": 900},
     "none": {},

@@ -68,7 +68,9 @@ def test_dataset_pickles_for_worker_processes(cache):
 
 def test_ehr_values_are_standardised_with_train_statistics(cache):
     ds = CachedDataset(cache, "train")
-    vals = np.concatenate([ds[i]["ehr"]["values"][ds[i]["ehr"]["obs_mask"]] for i in range(len(ds))])
+    vals = np.concatenate(
+        [ds[i]["ehr"]["values"][ds[i]["ehr"]["obs_mask"]] for i in range(len(ds))]
+    )
     assert abs(vals.mean()) < 0.1 and 0.8 < vals.std() < 1.2
 
 
@@ -102,8 +104,11 @@ def test_batches_feed_a_model(cache):
 
     ds = CachedDataset(cache, "train")
     batch = Collator(ds)([ds[i] for i in range(4)])
-    model = create_model("late", modalities=ds.modalities,
-                         encoders={"ehr": {"num_static": 8}, "notes": {"vocab_size": 64}}).eval()
+    model = create_model(
+        "late",
+        modalities=ds.modalities,
+        encoders={"ehr": {"num_static": 8}, "notes": {"vocab_size": 64}},
+    ).eval()
     with torch.no_grad():
         assert model(batch).logits.shape == (4, 1)
 

@@ -24,40 +24,72 @@ EXPECTED_COLUMNS = {
     "mimic-iv/hosp/admissions.csv.gz": (
         "subject_id hadm_id admittime dischtime deathtime admission_type admit_provider_id "
         "admission_location discharge_location insurance language marital_status race edregtime "
-        "edouttime hospital_expire_flag"),
+        "edouttime hospital_expire_flag"
+    ),
     "mimic-iv/icu/icustays.csv.gz": (
-        "subject_id hadm_id stay_id first_careunit last_careunit intime outtime los"),
+        "subject_id hadm_id stay_id first_careunit last_careunit intime outtime los"
+    ),
     "mimic-iv/hosp/labevents.csv.gz": (
         "labevent_id subject_id hadm_id specimen_id itemid order_provider_id charttime storetime "
-        "value valuenum valueuom ref_range_lower ref_range_upper flag priority comments"),
+        "value valuenum valueuom ref_range_lower ref_range_upper flag priority comments"
+    ),
     "mimic-iv/hosp/d_labitems.csv.gz": "itemid label fluid category",
     "mimic-iv/icu/chartevents.csv.gz": (
         "subject_id hadm_id stay_id caregiver_id charttime storetime itemid value valuenum "
-        "valueuom warning"),
+        "valueuom warning"
+    ),
     "mimic-iv/icu/d_items.csv.gz": (
         "itemid label abbreviation linksto category unitname param_type lownormalvalue "
-        "highnormalvalue"),
+        "highnormalvalue"
+    ),
     "mimic-iv/hosp/diagnoses_icd.csv.gz": "subject_id hadm_id seq_num icd_code icd_version",
     "mimic-cxr/mimic-cxr-2.0.0-metadata.csv.gz": (
         "dicom_id subject_id study_id PerformedProcedureStepDescription ViewPosition Rows Columns "
         "StudyDate StudyTime ProcedureCodeSequence_CodeMeaning ViewCodeSequence_CodeMeaning "
-        "PatientOrientationCodeSequence_CodeMeaning"),
+        "PatientOrientationCodeSequence_CodeMeaning"
+    ),
     "mimic-cxr/cxr-record-list.csv.gz": "subject_id study_id dicom_id path",
     "mimic-iv-ecg/record_list.csv": "subject_id study_id file_name ecg_time path",
     "mimic-iv-note/note/radiology.csv.gz": (
-        "note_id subject_id hadm_id note_type note_seq charttime storetime text"),
+        "note_id subject_id hadm_id note_type note_seq charttime storetime text"
+    ),
     "mimic-iv-note/note/discharge.csv.gz": (
-        "note_id subject_id hadm_id note_type note_seq charttime storetime text"),
+        "note_id subject_id hadm_id note_type note_seq charttime storetime text"
+    ),
 }
 CHEXPERT = [
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-    "Pneumonia", "Pneumothorax", "Support Devices",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
 ]
 MEASUREMENTS = (
-    ["subject_id", "study_id", "cart_id", "ecg_time"] + [f"report_{i}" for i in range(18)]
-    + ["bandwidth", "filtering", "rr_interval", "p_onset", "p_end", "qrs_onset", "qrs_end",
-       "t_end", "p_axis", "qrs_axis", "t_axis"])
+    ["subject_id", "study_id", "cart_id", "ecg_time"]
+    + [f"report_{i}" for i in range(18)]
+    + [
+        "bandwidth",
+        "filtering",
+        "rr_interval",
+        "p_onset",
+        "p_end",
+        "qrs_onset",
+        "qrs_end",
+        "t_end",
+        "p_axis",
+        "qrs_axis",
+        "t_axis",
+    ]
+)
 LEADS = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword:Warning")  # inside wfdb
 TS = re.compile(r"^(21\d\d|220\d|2210)-\d\d-\d\d \d\d:\d\d:\d\d$")
@@ -77,8 +109,10 @@ def _read(root: Path, rel: str, **kw) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def tables(corpus) -> dict[str, pd.DataFrame]:
     ids = {c: "Int64" for c in ("subject_id", "hadm_id", "stay_id", "study_id")}
-    out = {rel: _read(corpus, rel, dtype={**ids, "value": str, "icd_code": str, "text": str})
-           for rel in EXPECTED_COLUMNS}
+    out = {
+        rel: _read(corpus, rel, dtype={**ids, "value": str, "icd_code": str, "text": str})
+        for rel in EXPECTED_COLUMNS
+    }
     out["truth_stays"] = _read(corpus, "truth/stays.csv.gz")
     out["truth_studies"] = _read(corpus, "truth/studies.csv.gz", dtype={"note_id": str})
     return out
@@ -158,7 +192,9 @@ def test_every_dicom_is_a_valid_dx_object(corpus, tables):
     assert meta["dicom_id"].str.fullmatch(r"([0-9a-f]{8}-){4}[0-9a-f]{8}").all()
     assert meta["study_id"].astype(str).str.fullmatch(r"5\d{7}").all()
     assert records["path"].str.fullmatch(r"files/p1\d/p1\d{7}/s5\d{7}/[0-9a-f-]{44}\.dcm").all()
-    assert set(meta["ViewPosition"]) <= {"AP", "PA", "LATERAL"} and "AP" in set(meta["ViewPosition"])
+    assert set(meta["ViewPosition"]) <= {"AP", "PA", "LATERAL"} and "AP" in set(
+        meta["ViewPosition"]
+    )
     photometric = set()
     by_id = meta.set_index("dicom_id")
     for rec in records.itertuples():
@@ -172,7 +208,10 @@ def test_every_dicom_is_a_valid_dx_object(corpus, tables):
         assert ds.ViewPosition == m["ViewPosition"]
         assert (ds.Rows, ds.Columns) == (m["Rows"], m["Columns"])
         assert IMAGE_SIZE[0] <= ds.Rows <= IMAGE_SIZE[1] and 16 <= ds.Columns <= ds.Rows
-        assert float(ds.StudyTime) == pytest.approx(m["StudyTime"]) and int(ds.StudyDate) == m["StudyDate"]
+        assert (
+            float(ds.StudyTime) == pytest.approx(m["StudyTime"])
+            and int(ds.StudyDate) == m["StudyDate"]
+        )
         px = ds.pixel_array
         assert px.shape == (ds.Rows, ds.Columns) and px.max() < 2**ds.BitsStored
         photometric.add(ds.PhotometricInterpretation)
@@ -230,8 +269,10 @@ def test_pairing_times_and_truth_presence_agree(tables):
     truth = tables["truth_stays"]
     icu = tables["mimic-iv/icu/icustays.csv.gz"][["subject_id", "stay_id", "intime"]]
     meta = tables["mimic-cxr/mimic-cxr-2.0.0-metadata.csv.gz"]
-    t = pd.to_datetime(meta["StudyDate"].astype(str) + meta["StudyTime"].map(lambda v: f"{v:013.6f}"),
-                       format="%Y%m%d%H%M%S.%f")
+    t = pd.to_datetime(
+        meta["StudyDate"].astype(str) + meta["StudyTime"].map(lambda v: f"{v:013.6f}"),
+        format="%Y%m%d%H%M%S.%f",
+    )
     cxr = pd.DataFrame({"subject_id": meta["subject_id"], "t": t}).merge(icu, on="subject_id")
     delta = (cxr["t"] - pd.to_datetime(cxr["intime"])).dt.total_seconds() / 3600
     inside = cxr[(delta >= 0) & (delta <= 48)]
@@ -239,7 +280,9 @@ def test_pairing_times_and_truth_presence_agree(tables):
     paired = truth["stay_id"].isin(inside["stay_id"])
     assert (paired == (truth["has_cxr"] == 1)).mean() > 0.97
     rad = tables["mimic-iv-note/note/radiology.csv.gz"].merge(icu, on="subject_id")
-    hours = (pd.to_datetime(rad["charttime"]) - pd.to_datetime(rad["intime"])).dt.total_seconds() / 3600
+    hours = (
+        pd.to_datetime(rad["charttime"]) - pd.to_datetime(rad["intime"])
+    ).dt.total_seconds() / 3600
     assert ((hours > 0) & (hours < 48)).any() and (hours > 48).any()
 
 
@@ -268,8 +311,9 @@ def test_pulmonary_brightens_the_lung_fields(corpus, tables):
     cxr = studies[(studies["modality"] == "cxr") & (studies["view"] != "LATERAL")]
     cxr = cxr.merge(tables["truth_stays"][["stay_id", "pulmonary"]], on="stay_id")
     paths = tables["mimic-cxr/cxr-record-list.csv.gz"].set_index("dicom_id")["path"]
-    means = np.array([_lung_mean(pydicom.dcmread(corpus / "mimic-cxr" / paths[d]))
-                      for d in cxr["dicom_id"]])
+    means = np.array(
+        [_lung_mean(pydicom.dcmread(corpus / "mimic-cxr" / paths[d])) for d in cxr["dicom_id"]]
+    )
     pul = cxr["pulmonary"].to_numpy()
     assert 15 < pul.sum() < len(pul) - 15
     assert means[pul == 1].mean() > means[pul == 0].mean() + 0.03
@@ -283,8 +327,8 @@ def _ecg_features(signal: np.ndarray) -> tuple[float, float]:
     lead2 = signal[:, 1] - np.median(signal[:, 1])
     peaks, _ = find_peaks(lead2, height=0.5 * lead2.max(), distance=125)
     peaks = peaks[(peaks > 150) & (peaks < 4900)]
-    base = np.stack([signal[p - 125:p - 110].mean(0) for p in peaks])  # PR-ish, before P
-    st = np.stack([signal[p + 45:p + 60].mean(0) for p in peaks])  # 90-120 ms after R
+    base = np.stack([signal[p - 125 : p - 110].mean(0) for p in peaks])  # PR-ish, before P
+    st = np.stack([signal[p + 45 : p + 60].mean(0) for p in peaks])  # 90-120 ms after R
     rr = np.diff(peaks)
     return float(np.abs(np.median(st - base, 0)).max()), float(rr.std() / rr.mean())
 
@@ -294,10 +338,15 @@ def test_cardiac_changes_the_ecg_signal(corpus, tables):
     from sklearn.metrics import roc_auc_score
 
     rl = tables["mimic-iv-ecg/record_list.csv"].merge(
-        tables["truth_studies"][["study_id", "stay_id"]], on="study_id")
+        tables["truth_studies"][["study_id", "stay_id"]], on="study_id"
+    )
     rl = rl.merge(tables["truth_stays"][["stay_id", "cardiac"]], on="stay_id")
-    feats = np.array([_ecg_features(wfdb.rdrecord(str(corpus / "mimic-iv-ecg" / p)).p_signal)
-                      for p in rl["path"]])
+    feats = np.array(
+        [
+            _ecg_features(wfdb.rdrecord(str(corpus / "mimic-iv-ecg" / p)).p_signal)
+            for p in rl["path"]
+        ]
+    )
     card = rl["cardiac"].to_numpy()
     assert 15 < card.sum() < len(card) - 15
     st, cv = feats[:, 0], feats[:, 1]
@@ -310,27 +359,43 @@ def test_ehr_and_notes_carry_severity_and_infection(tables):
     stays = tables["truth_stays"]
     ce = tables["mimic-iv/icu/chartevents.csv.gz"]
     temp = ce[ce["itemid"].isin([223761, 223762])].copy()
-    temp["c"] = np.where(temp["itemid"] == 223761, (temp["valuenum"] - 32) * 5 / 9, temp["valuenum"])
+    temp["c"] = np.where(
+        temp["itemid"] == 223761, (temp["valuenum"] - 32) * 5 / 9, temp["valuenum"]
+    )
     per = stays.merge(temp.groupby("stay_id")["c"].mean().rename("temp"), on="stay_id")
     inf = per["infection"] == 1
     assert per.loc[inf, "temp"].mean() > per.loc[~inf, "temp"].mean() + 0.8
     lab = tables["mimic-iv/hosp/labevents.csv.gz"]
-    wbc = lab[(lab["itemid"] == 51301) & lab["hadm_id"].notna()].groupby("hadm_id")["valuenum"].mean()
+    wbc = (
+        lab[(lab["itemid"] == 51301) & lab["hadm_id"].notna()].groupby("hadm_id")["valuenum"].mean()
+    )
     per = stays.merge(wbc.rename("wbc"), left_on="hadm_id", right_index=True)
-    assert per.loc[per["infection"] == 1, "wbc"].mean() > per.loc[per["infection"] == 0, "wbc"].mean() + 4
+    assert (
+        per.loc[per["infection"] == 1, "wbc"].mean()
+        > per.loc[per["infection"] == 0, "wbc"].mean() + 4
+    )
     hr = ce[(ce["itemid"] == 220045) & (ce["valuenum"] < 300)].groupby("stay_id")["valuenum"].mean()
     per = stays.merge(hr.rename("hr"), on="stay_id")
     assert np.corrcoef(per["severity"], per["hr"])[0, 1] > 0.4
     # cardiac is unique to the ECG: the EHR heart rate does not carry it
-    assert abs(per.loc[per["cardiac"] == 1, "hr"].mean() - per.loc[per["cardiac"] == 0, "hr"].mean()) < 6
+    assert (
+        abs(per.loc[per["cardiac"] == 1, "hr"].mean() - per.loc[per["cardiac"] == 0, "hr"].mean())
+        < 6
+    )
     notes = tables["truth_studies"].query("modality == 'notes'")[["note_id", "stay_id"]]
-    rad = tables["mimic-iv-note/note/radiology.csv.gz"].merge(notes, on="note_id").merge(
-        stays[["stay_id", "severity", "pulmonary"]], on="stay_id")
+    rad = (
+        tables["mimic-iv-note/note/radiology.csv.gz"]
+        .merge(notes, on="note_id")
+        .merge(stays[["stay_id", "severity", "pulmonary"]], on="stay_id")
+    )
     severe = rad["text"].str.contains("critically ill|intubated", case=False)
     assert severe[rad["severity"] > 1].mean() > severe[rad["severity"] < 0].mean() + 0.3
     chest = rad["text"].str.startswith("EXAMINATION:  CHEST")
     pneu = rad["text"].str.contains("concerning for pneumonia")
-    assert pneu[chest & (rad["pulmonary"] == 1)].mean() > pneu[chest & (rad["pulmonary"] == 0)].mean() + 0.3
+    assert (
+        pneu[chest & (rad["pulmonary"] == 1)].mean()
+        > pneu[chest & (rad["pulmonary"] == 0)].mean() + 0.3
+    )
 
 
 def test_oracle_auroc_prevalence_and_missingness_not_at_random():
@@ -348,7 +413,9 @@ def test_oracle_auroc_prevalence_and_missingness_not_at_random():
     assert by_pul[1] > by_pul[0] + 0.15 and by_card[1] > by_card[0] + 0.2
     # the synergy: pulmonary x infection is far riskier than either alone
     risk = cohort.groupby(["pulmonary", "infection"])["true_risk"].mean()
-    assert risk[(1, 1)] - risk[(0, 0)] > 2 * ((risk[(1, 0)] - risk[(0, 0)]) + (risk[(0, 1)] - risk[(0, 0)]))
+    assert risk[(1, 1)] - risk[(0, 0)] > 2 * (
+        (risk[(1, 0)] - risk[(0, 0)]) + (risk[(0, 1)] - risk[(0, 0)])
+    )
     assert 0.2 < stays["label_los3"].mean() < 0.6 and 0.02 < stays["label_los7"].mean() < 0.2
 
 
@@ -356,12 +423,15 @@ def test_sample_truth_matches_the_written_truth(tables):
     fast = sample_truth(N_PATIENTS, seed=SEED)
     written = tables["truth_stays"]
     assert list(fast.columns) == list(written.columns)
-    pd.testing.assert_frame_equal(fast.reset_index(drop=True), written, check_dtype=False,
-                                  check_exact=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(
+        fast.reset_index(drop=True), written, check_dtype=False, check_exact=False, rtol=1e-9
+    )
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
@@ -374,7 +444,8 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     generate_corpus(tmp_path / "c", workers=1, **{**kw, "seed": 12})
     c = _tree(tmp_path / "c")
     assert gzip.decompress(a["mimic-iv/icu/chartevents.csv.gz"]) != gzip.decompress(
-        c["mimic-iv/icu/chartevents.csv.gz"])
+        c["mimic-iv/icu/chartevents.csv.gz"]
+    )
     with pytest.raises(FileExistsError):
         generate_corpus(tmp_path / "a", workers=1, **kw)
 
@@ -386,9 +457,23 @@ def test_cli_registers_and_runs(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     synth.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["synth", "--out", str(tmp_path / "cli"), "--n-patients", "6",
-                              "--seed", "1", "--image-size", "32", "40", "--workers", "1",
-                              "--quiet"])
+    args = parser.parse_args(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "cli"),
+            "--n-patients",
+            "6",
+            "--seed",
+            "1",
+            "--image-size",
+            "32",
+            "40",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     assert args.func is synth.run
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -43,12 +43,21 @@ def trained_runs(eval_cache, eval_store, tmp_path_factory) -> dict[str, str]:
     for head in HEADS:
         name = f"eval-{head}"
         overrides = {
-            "data.cache_dir": str(eval_cache), "train.checkpoint_dir": str(ckpt),
-            "tracking.uri": eval_store, "tracking.log_model": "false", "tracking.run_name": name,
-            "train.num_threads": "1", "train.epochs": "2", "train.max_steps_per_epoch": "4",
+            "data.cache_dir": str(eval_cache),
+            "train.checkpoint_dir": str(ckpt),
+            "tracking.uri": eval_store,
+            "tracking.log_model": "false",
+            "tracking.run_name": name,
+            "train.num_threads": "1",
+            "train.epochs": "2",
+            "train.max_steps_per_epoch": "4",
         }
-        args = ["--config", str(CONFIGS / "tiny" / f"{head}.yaml"), "--quiet",
-                *[f"{k}={v}" for k, v in overrides.items()]]
+        args = [
+            "--config",
+            str(CONFIGS / "tiny" / f"{head}.yaml"),
+            "--quiet",
+            *[f"{k}={v}" for k, v in overrides.items()],
+        ]
         assert train_pipeline.main(args) == 0
         out[head] = CheckpointDir(ckpt / name).read_run()["run_id"]
     out["_checkpoints"] = str(ckpt)

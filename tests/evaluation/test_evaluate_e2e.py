@@ -52,26 +52,47 @@ def test_masked_tokens_equal_a_model_call_on_the_masked_batch(loaded):
         assert not np.allclose(fast[0], fast[1]), "dropping modalities changed nothing"
 
 
-def test_cli_compares_two_runs_and_is_reproducible(trained_runs, eval_store, tmp_path,
-                                                   monkeypatch, capsys):
+def test_cli_compares_two_runs_and_is_reproducible(
+    trained_runs, eval_store, tmp_path, monkeypatch, capsys
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", eval_store)
     ids = [trained_runs[h] for h in HEADS]
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        argv = ["evaluate", "--run-id", ids[0], "--run-id", ids[1], *SMALL, "--out", str(out),
-                "--quiet"]
+        argv = [
+            "evaluate",
+            "--run-id",
+            ids[0],
+            "--run-id",
+            ids[1],
+            *SMALL,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert str(outs[1].resolve()) in printed and "MLflow" in printed
 
-    for name in (*TABLES, "grid.parquet", "natural.parquet", "masks.parquet", "summary.md",
-                 "report.html", "auroc_vs_rate.png", "patterns.png", "natural_patterns.png"):
+    for name in (
+        *TABLES,
+        "grid.parquet",
+        "natural.parquet",
+        "masks.parquet",
+        "summary.md",
+        "report.html",
+        "auroc_vs_rate.png",
+        "patterns.png",
+        "natural_patterns.png",
+    ):
         assert (outs[0] / name).is_file(), name
     for name in (*TABLES, "masks.parquet", "grid.parquet"):  # identical numbers twice
-        a, b = (pd.read_parquet(o / name) if name.endswith("parquet") else pd.read_csv(o / name)
-                for o in outs)
+        a, b = (
+            pd.read_parquet(o / name) if name.endswith("parquet") else pd.read_csv(o / name)
+            for o in outs
+        )
         pd.testing.assert_frame_equal(a, b, check_exact=True)
 
     grid = pd.read_csv(outs[0] / "grid.csv")
@@ -82,8 +103,10 @@ def test_cli_compares_two_runs_and_is_reproducible(trained_runs, eval_store, tmp
     assert len([p for p in points if p.startswith("pattern:")]) == 15
     rows = grid[grid["metric"] == "auroc"]
     ok = rows["value"].notna()
-    assert ((rows.loc[ok, "ci_low"] <= rows.loc[ok, "value"] + 1e-12)
-            & (rows.loc[ok, "value"] <= rows.loc[ok, "ci_high"] + 1e-12)).all()
+    assert (
+        (rows.loc[ok, "ci_low"] <= rows.loc[ok, "value"] + 1e-12)
+        & (rows.loc[ok, "value"] <= rows.loc[ok, "ci_high"] + 1e-12)
+    ).all()
     # identical masks for both runs: same n / prevalence / kept fraction at every point
     per_point = grid.groupby("point")[["n", "prevalence", "kept_fraction"]].nunique()
     assert (per_point == 1).all().all()
@@ -103,18 +126,21 @@ def test_cli_compares_two_runs_and_is_reproducible(trained_runs, eval_store, tmp
     html = (outs[0] / "report.html").read_text()
     assert "data:image/png;base64," in html and "<img" in html
     masks = pd.read_parquet(outs[0] / "masks.parquet")
-    assert set(masks.columns) == {"point", "stay_id", "has_ehr", "has_cxr", "has_ecg",
-                                  "has_notes"}
+    assert set(masks.columns) == {"point", "stay_id", "has_ehr", "has_cxr", "has_ecg", "has_notes"}
     assert set(masks["stay_id"]) == set(test.rows["stay_id"])
 
     client = MlflowClient(eval_store)
-    runs = client.search_runs([client.get_run(ids[0]).info.experiment_id],
-                              "tags.evaluation = 'missingness'")
+    runs = client.search_runs(
+        [client.get_run(ids[0]).info.experiment_id], "tags.evaluation = 'missingness'"
+    )
     assert len(runs) == 2  # one comparison run per invocation
     parent = runs[0]
     assert set(parent.data.tags["compared_run_ids"].split(",")) == set(ids)
-    assert {"evaluation/grid.csv", "evaluation/report.html", "evaluation/auroc_vs_rate.png"} <= \
-        artifact_paths(client, parent.info.run_id)
+    assert {
+        "evaluation/grid.csv",
+        "evaluation/report.html",
+        "evaluation/auroc_vs_rate.png",
+    } <= artifact_paths(client, parent.info.run_id)
     assert any(k.startswith("eval/") and k.endswith("/natural/auroc") for k in parent.data.metrics)
 
 
@@ -123,8 +149,14 @@ def test_single_run_logs_into_the_evaluated_run(trained_runs, eval_store, tmp_pa
 
     run_id = trained_runs[HEADS[0]]
     grid = evaluate_pipeline.evaluate(
-        run_ids=[run_id], out=tmp_path / "one", tracking_uri=eval_store, rates=[0.0, 0.5],
-        mechanisms=["mcar", "mnar_content"], bootstrap=20, patterns=False)
+        run_ids=[run_id],
+        out=tmp_path / "one",
+        tracking_uri=eval_store,
+        rates=[0.0, 0.5],
+        mechanisms=["mcar", "mnar_content"],
+        bootstrap=20,
+        patterns=False,
+    )
     assert grid.attrs["mlflow_run_id"] == run_id
     assert set(grid["mechanism"]) == {"natural", "mcar", "mnar_content"}
     client = MlflowClient(eval_store)

@@ -25,8 +25,13 @@ def test_fast_path_equals_model_call(head, eval_cache):
     model = build_model(cfg, data).eval()
     test = data.test
     ids = test.rows["stay_id"].to_numpy()
-    masks = np.stack([test.present, mcar(test.present, 0.7, seed=1, ids=ids),
-                      pattern_mask(test.present, "ecg+notes", test.modalities)])
+    masks = np.stack(
+        [
+            test.present,
+            mcar(test.present, 0.7, seed=1, ids=ids),
+            pattern_mask(test.present, "ecg+notes", test.modalities),
+        ]
+    )
     fast = predict_under_masks(model, test, masks, data.task, batch_size=8)
     batch = Collator(test)([test[i] for i in range(len(test))])
     with torch.no_grad():
@@ -35,6 +40,7 @@ def test_fast_path_equals_model_call(head, eval_cache):
             assert np.allclose(fast[k], probabilities(slow, data.task), atol=1e-5), k
         rows = masks[2].any(1)
         assert np.isnan(fast[2][~rows]).all() and (~rows).any()
-        slow = model(batch.select(torch.from_numpy(rows)).with_present(
-            torch.from_numpy(masks[2][rows]))).logits
+        slow = model(
+            batch.select(torch.from_numpy(rows)).with_present(torch.from_numpy(masks[2][rows]))
+        ).logits
         assert np.allclose(fast[2][rows], probabilities(slow, data.task), atol=1e-5)

@@ -46,7 +46,8 @@ def test_vectorised_resample_metrics_match_sklearn_with_weights(seed):
     for b, w in enumerate(W):
         assert got["auroc"][b] == pytest.approx(roc_auc_score(y, p, sample_weight=w), abs=1e-10)
         assert got["auprc"][b] == pytest.approx(
-            average_precision_score(y, p, sample_weight=w), abs=1e-10)
+            average_precision_score(y, p, sample_weight=w), abs=1e-10
+        )
         assert got["brier"][b] == pytest.approx(brier_score_loss(y, p, sample_weight=w), abs=1e-10)
         assert got["f1"][b] == pytest.approx(f1_score(y, p >= 0.3, sample_weight=w), abs=1e-10)
 
@@ -105,11 +106,14 @@ def test_multilabel_and_multiclass_are_macro_averages():
     p = np.clip(0.3 * y + 0.7 * rng.random((300, 3)), 0, 1)
     out = M.score_with_ci(y, p, "multilabel", threshold=[0.4, 0.5, 0.6], n_boot=50)
     assert out["auroc"]["value"] == pytest.approx(
-        np.mean([roc_auc_score(y[:, c], p[:, c]) for c in range(3)]))
+        np.mean([roc_auc_score(y[:, c], p[:, c]) for c in range(3)])
+    )
     assert out["brier"]["value"] == pytest.approx(
-        np.mean([brier_score_loss(y[:, c], p[:, c]) for c in range(3)]))
+        np.mean([brier_score_loss(y[:, c], p[:, c]) for c in range(3)])
+    )
     assert out["f1"]["value"] == pytest.approx(
-        f1_score(y, p >= np.array([0.4, 0.5, 0.6]), average="macro"))
+        f1_score(y, p >= np.array([0.4, 0.5, 0.6]), average="macro")
+    )
     assert out["auroc"]["ci_low"] < out["auroc"]["value"] < out["auroc"]["ci_high"]
     yc = rng.integers(0, 3, 300)
     pc = rng.dirichlet(np.ones(3), 300)

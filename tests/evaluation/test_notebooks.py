@@ -13,9 +13,14 @@ NOTEBOOKS = ("01_quickstart.ipynb", "02_missingness.ipynb")
 def nb_env(tmp_path_factory):
     """Small sizes, a private work dir and MLflow store; shared so notebook 2 reuses the corpus."""
     work = tmp_path_factory.mktemp("notebooks")
-    return {"CLINICAL_MOE_NB_SMALL": "1", "CLINICAL_MOE_NB_DIR": str(work),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    return {
+        "CLINICAL_MOE_NB_SMALL": "1",
+        "CLINICAL_MOE_NB_DIR": str(work),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
 
 
 @pytest.mark.slow
@@ -28,10 +33,12 @@ def test_notebook_runs(name, nb_env, monkeypatch):
     for key, value in nb_env.items():
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
     nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
         "commit notebooks with outputs cleared"
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(REPO)}})
+    )
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -12,17 +12,26 @@ from .conftest import CONFIGS
 
 
 def _args(tmp_path, config, *extra):
-    return ["--config", str(config), "--quiet", f"data.cache_dir={tmp_path / 'cache'}",
-            f"train.checkpoint_dir={tmp_path / 'ckpt'}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-            *extra]
+    return [
+        "--config",
+        str(config),
+        "--quiet",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("train:\n  learning_rate: 0.1\n", "unknown config key 'train.learning_rate'"),
-    ("model:\n  head:\n    num_expert: 4\n", "model.head.num_expert"),
-    ("train:\n  scheduler: linear\n", "train.scheduler"),
-    ("train:\n  checkpoint_every: -1\n", "train.checkpoint_every"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("train:\n  learning_rate: 0.1\n", "unknown config key 'train.learning_rate'"),
+        ("model:\n  head:\n    num_expert: 4\n", "model.head.num_expert"),
+        ("train:\n  scheduler: linear\n", "train.scheduler"),
+        ("train:\n  checkpoint_every: -1\n", "train.checkpoint_every"),
+    ],
+)
 def test_bad_yaml_key_fails_first_and_writes_nothing(bad, message, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(f"include: {CONFIGS / 'tiny' / 'late.yaml'}\n{bad}")
@@ -58,8 +67,15 @@ def test_absent_cache_is_built_with_the_config(tmp_path, monkeypatch, shared_uri
         return cfg.data.cache_dir
 
     monkeypatch.setattr(cache_module, "build_cache", fake_build_cache)
-    args = _args(tmp_path, CONFIGS / "tiny" / "late.yaml", "train.epochs=1",
-                 "train.max_steps_per_epoch=1", "tracking.log_model=false", "train.num_threads=1",
-                 f"tracking.uri={shared_uri}", "tracking.run_name=built-cache")
+    args = _args(
+        tmp_path,
+        CONFIGS / "tiny" / "late.yaml",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "tracking.log_model=false",
+        "train.num_threads=1",
+        f"tracking.uri={shared_uri}",
+        "tracking.run_name=built-cache",
+    )
     assert train_pipeline.main(args) == 0
     assert seen == [str(tmp_path / "cache")]

@@ -17,13 +17,29 @@ from .conftest import CONFIGS, PYTHON, REPO, subprocess_env, tiny_overrides
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(toy_cache, tmp_path, new_store):
     # fusemoe: sparse experts leave parameters unused in some steps (find_unused_parameters).
-    overrides = tiny_overrides(toy_cache, tmp_path, new_store(tmp_path), **{
-        "tracking.run_name": "ddp", "train.max_steps_per_epoch": 3, "train.device": "cpu"})
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipelines.train", "--config", str(CONFIGS / "tiny" / "fusemoe.yaml"), "--quiet",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
+    overrides = tiny_overrides(
+        toy_cache,
+        tmp_path,
+        new_store(tmp_path),
+        **{"tracking.run_name": "ddp", "train.max_steps_per_epoch": 3, "train.device": "cpu"},
+    )
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipelines.train",
+        "--config",
+        str(CONFIGS / "tiny" / "fusemoe.yaml"),
+        "--quiet",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     from mlflow.tracking import MlflowClient

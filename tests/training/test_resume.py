@@ -16,15 +16,32 @@ from .conftest import CONFIGS, PYTHON, REPO, subprocess_env, tiny_overrides
 
 # fusemoe: dropout + noisy gates + modality dropout draw from every RNG stream that is checkpointed.
 # 3 epochs x 4 steps; last.pt every 3 steps and at epoch ends.
-EXTRA = {"train.epochs": 3, "train.max_steps_per_epoch": 4, "train.checkpoint_every": 3,
-         "train.modality_dropout": 0.3, "train.patience": 5, "tracking.run_name": "resume"}
+EXTRA = {
+    "train.epochs": 3,
+    "train.max_steps_per_epoch": 4,
+    "train.checkpoint_every": 3,
+    "train.modality_dropout": 0.3,
+    "train.patience": 5,
+    "tracking.run_name": "resume",
+}
 
 
 def cli(tmp, cache, *flags, env=None):
-    args = ["--config", str(CONFIGS / "tiny" / "fusemoe.yaml"), "--quiet", *flags,
-            *tiny_overrides(cache, tmp, f"sqlite:///{tmp}/mlflow.db", **EXTRA)]
-    return subprocess.run([PYTHON, "-m", "pipelines.train", *args], cwd=REPO, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        "--config",
+        str(CONFIGS / "tiny" / "fusemoe.yaml"),
+        "--quiet",
+        *flags,
+        *tiny_overrides(cache, tmp, f"sqlite:///{tmp}/mlflow.db", **EXTRA),
+    ]
+    return subprocess.run(
+        [PYTHON, "-m", "pipelines.train", *args],
+        cwd=REPO,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def runs_of(tmp):
@@ -42,8 +59,12 @@ def reference(toy_cache, tmp_path_factory, shared_uri):
 
     ref_dir = tmp_path_factory.mktemp("ref")
     extra = {**EXTRA, "tracking.run_name": "resume-reference"}
-    args = ["--config", str(CONFIGS / "tiny" / "fusemoe.yaml"), "--quiet",
-            *tiny_overrides(toy_cache, ref_dir, shared_uri, **extra)]
+    args = [
+        "--config",
+        str(CONFIGS / "tiny" / "fusemoe.yaml"),
+        "--quiet",
+        *tiny_overrides(toy_cache, ref_dir, shared_uri, **extra),
+    ]
     assert train_pipeline.main(args) == 0
     client = MlflowClient(shared_uri)
     exp = client.get_experiment_by_name("clinical_moe")
@@ -52,7 +73,9 @@ def reference(toy_cache, tmp_path_factory, shared_uri):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [7, 2])  # 7: mid-epoch 2, after step 6's checkpoint; 2: before any
+@pytest.mark.parametrize(
+    "kill_at", [7, 2]
+)  # 7: mid-epoch 2, after step 6's checkpoint; 2: before any
 def test_kill_and_resume_equals_uninterrupted(kill_at, reference, toy_cache, tmp_path, new_store):
     cut_dir = tmp_path / "cut"
     new_store(cut_dir)
@@ -80,15 +103,27 @@ def test_kill_and_resume_equals_uninterrupted(kill_at, reference, toy_cache, tmp
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
     cut = runs[0].data.metrics
-    for key in ("best_val_auroc", "best_val_loss", "test_auroc", "test_loss", "train_loss",
-                "val_loss", "routing/layer0/load_entropy"):
+    for key in (
+        "best_val_auroc",
+        "best_val_loss",
+        "test_auroc",
+        "test_loss",
+        "train_loss",
+        "val_loss",
+        "routing/layer0/load_entropy",
+    ):
         assert cut[key] == pytest.approx(ref[key], abs=1e-5), key
     history = [m.value for m in client.get_metric_history(run_id, "val_loss")]
     assert len(history) >= 3  # every epoch logged (an epoch may be re-logged after a kill)
 
     # resuming a finished run is a no-op: no new run, nothing re-logged
-    again = ["--config", str(CONFIGS / "tiny" / "fusemoe.yaml"), "--quiet", "--resume",
-             *tiny_overrides(toy_cache, cut_dir, f"sqlite:///{cut_dir}/mlflow.db", **EXTRA)]
+    again = [
+        "--config",
+        str(CONFIGS / "tiny" / "fusemoe.yaml"),
+        "--quiet",
+        "--resume",
+        *tiny_overrides(toy_cache, cut_dir, f"sqlite:///{cut_dir}/mlflow.db", **EXTRA),
+    ]
     assert train_pipeline.main(again) == 0
     _, runs = runs_of(cut_dir)
     assert len(runs) == 1

@@ -50,16 +50,35 @@ def test_every_head_has_a_paper_and_a_tiny_config(head):
 @pytest.mark.parametrize("head", clinical_moe.list_models())
 def test_tiny_training_run_is_tracked(head, toy_cache, tmp_path, mlflow_uri):
     name = f"e2e-{head}"
-    args = ["--config", str(CONFIGS / "tiny" / f"{head}.yaml"), "--quiet", *tiny_overrides(
-        toy_cache, tmp_path, mlflow_uri, **{"tracking.run_name": name,
-                                            "train.max_steps_per_epoch": 3})]
+    args = [
+        "--config",
+        str(CONFIGS / "tiny" / f"{head}.yaml"),
+        "--quiet",
+        *tiny_overrides(
+            toy_cache,
+            tmp_path,
+            mlflow_uri,
+            **{"tracking.run_name": name, "train.max_steps_per_epoch": 3},
+        ),
+    ]
     assert train_pipeline.main(args) == 0
 
     client, run = finished_run(mlflow_uri, name)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    for key in ("train_loss", "train_task_loss", "train_aux_loss", "val_auroc", "val_auprc",
-                "val_f1", "val_loss", "best_val_loss", "test_loss", "lr", "train_samples_per_s"):
+    for key in (
+        "train_loss",
+        "train_task_loss",
+        "train_aux_loss",
+        "val_auroc",
+        "val_auprc",
+        "val_f1",
+        "val_loss",
+        "best_val_loss",
+        "test_loss",
+        "lr",
+        "train_samples_per_s",
+    ):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2  # one per epoch
     if head in MOE_HEADS:
@@ -73,7 +92,8 @@ def test_tiny_training_run_is_tracked(head, toy_cache, tmp_path, mlflow_uri):
     assert run.data.tags["head"] == head and run.data.tags["task"] == "binary"
     assert "git_commit" in run.data.tags
     assert {"config.yaml", "data/summary.json", "checkpoints/best.pt"} <= artifact_paths(
-        client, run.info.run_id)
+        client, run.info.run_id
+    )
 
     ckpt = tmp_path / "ckpt" / name
     last = load_checkpoint(ckpt / "last.pt")  # weights_only=True
@@ -85,9 +105,22 @@ def test_logged_model_has_a_signature_and_predicts(toy_cache, tmp_path, mlflow_u
     import mlflow
 
     name = "e2e-logged-model"
-    args = ["--config", str(CONFIGS / "tiny" / "concat.yaml"), "--quiet", *tiny_overrides(
-        toy_cache, tmp_path, mlflow_uri, **{"tracking.run_name": name, "tracking.log_model": "true",
-                                            "train.epochs": 1, "train.max_steps_per_epoch": 2})]
+    args = [
+        "--config",
+        str(CONFIGS / "tiny" / "concat.yaml"),
+        "--quiet",
+        *tiny_overrides(
+            toy_cache,
+            tmp_path,
+            mlflow_uri,
+            **{
+                "tracking.run_name": name,
+                "tracking.log_model": "true",
+                "train.epochs": 1,
+                "train.max_steps_per_epoch": 2,
+            },
+        ),
+    ]
     assert train_pipeline.main(args) == 0
     client, run = finished_run(mlflow_uri, name)
     models = client.search_logged_models([run.info.experiment_id])
@@ -144,9 +177,17 @@ def test_multilabel_and_multiclass_caches_train(task, tmp_path, shared_uri):
     (cache / "summary.json").write_text(json.dumps(summary))
 
     name = f"task-{task}"
-    args = ["--config", str(CONFIGS / "tiny" / "conf_smoe.yaml"), "--quiet", *tiny_overrides(
-        cache, tmp_path, shared_uri, **{"tracking.run_name": name, "train.epochs": 1,
-                                         "train.max_steps_per_epoch": 2})]
+    args = [
+        "--config",
+        str(CONFIGS / "tiny" / "conf_smoe.yaml"),
+        "--quiet",
+        *tiny_overrides(
+            cache,
+            tmp_path,
+            shared_uri,
+            **{"tracking.run_name": name, "train.epochs": 1, "train.max_steps_per_epoch": 2},
+        ),
+    ]
     assert train_pipeline.main(args) == 0
     _, run = finished_run(shared_uri, name)
     assert run.data.tags["task"] == task

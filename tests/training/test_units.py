@@ -58,7 +58,9 @@ def test_task_inference_and_losses():
     assert infer_task(["a", "b"]) == "multilabel"
     assert num_classes_for("multiclass", ["label"], np.array([0, 2, 1])) == 3
     logits = torch.tensor([[0.0], [2.0]])
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], torch.tensor([0.0, 1.0]))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:, 0], torch.tensor([0.0, 1.0])
+    )
     assert torch.allclose(task_loss(logits, torch.tensor([0.0, 1.0]), "binary"), expected)
     assert task_loss(torch.randn(3, 4), torch.tensor([0.0, 3.0, 1.0]), "multiclass").shape == ()
     assert task_loss(torch.randn(3, 2), torch.ones(3, 2), "multilabel").shape == ()
@@ -102,15 +104,20 @@ def test_routing_stats_counts_fractions_and_entropy():
     B, T, E = 2, 4, 2
     probs = torch.full((B, T, E), 0.5)
     topk = torch.tensor([[[0], [1], [0], [-1]], [[1], [0], [1], [-1]]])  # token 3 is padding
-    gates = {"layer0/router_probs": probs, "layer0/topk": topk,
-             "token_modality": torch.tensor([0, 0, 1, 1])}
+    gates = {
+        "layer0/router_probs": probs,
+        "layer0/topk": topk,
+        "token_modality": torch.tensor([0, 0, 1, 1]),
+    }
     out = routing_stats([gates], ["ehr", "cxr"])
     assert out["routing/layer0/load_entropy"] == pytest.approx(1.0)  # 3 vs 3: balanced
     assert out["routing/layer0/router_entropy"] == pytest.approx(1.0)
     assert out["routing/layer0/ehr/expert0"] == pytest.approx(0.5)
     assert out["routing/layer0/cxr/expert0"] == pytest.approx(0.5)  # only the real cxr tokens
     # ConfSMoE-style keys (topk_idx, no token_modality), I2MoE weights, dense heads: no crash
-    out = routing_stats([{"layer1/router_probs": probs, "layer1/topk_idx": torch.zeros(B, T, 1)}], ["a"])
+    out = routing_stats(
+        [{"layer1/router_probs": probs, "layer1/topk_idx": torch.zeros(B, T, 1)}], ["a"]
+    )
     assert out["routing/layer1/load_entropy"] == pytest.approx(0.0)
     w = {"interaction_weights": torch.tensor([[0.5, 0.25, 0.25, 0.0]])}
     assert routing_stats([w], ["ehr", "cxr"])["routing/interaction_weights/U_ehr"] == 0.5

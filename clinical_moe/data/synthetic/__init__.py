@@ -63,9 +63,16 @@ class CorpusSummary:
         ]
 
 
-def generate_corpus(out_dir: str | Path, n_patients: int = 200, seed: int = 0,
-                    workers: int | None = None, image_size: tuple[int, int] = (512, 1024),
-                    quiet: bool = False, overwrite: bool = False, **config) -> CorpusSummary:
+def generate_corpus(
+    out_dir: str | Path,
+    n_patients: int = 200,
+    seed: int = 0,
+    workers: int | None = None,
+    image_size: tuple[int, int] = (512, 1024),
+    quiet: bool = False,
+    overwrite: bool = False,
+    **config,
+) -> CorpusSummary:
     """Write a synthetic MIMIC-style corpus to ``out_dir``.
 
     Args:
@@ -85,13 +92,20 @@ def generate_corpus(out_dir: str | Path, n_patients: int = 200, seed: int = 0,
     Raises:
         FileExistsError: when ``out_dir`` already holds a corpus and ``overwrite`` is False.
     """
-    cfg = SynthConfig(n_patients=n_patients, seed=seed, workers=workers,
-                      image_size=(int(image_size[0]), int(image_size[1])), quiet=quiet, **config)
+    cfg = SynthConfig(
+        n_patients=n_patients,
+        seed=seed,
+        workers=workers,
+        image_size=(int(image_size[0]), int(image_size[1])),
+        quiet=quiet,
+        **config,
+    )
     return generate_from_config(cfg, out_dir, overwrite=overwrite)
 
 
-def generate_from_config(cfg: SynthConfig, out_dir: str | Path,
-                         overwrite: bool = False) -> CorpusSummary:
+def generate_from_config(
+    cfg: SynthConfig, out_dir: str | Path, overwrite: bool = False
+) -> CorpusSummary:
     """:func:`generate_corpus` taking a ready :class:`SynthConfig`."""
     from clinical_moe.data.synthetic.writer import PARTS_DIR, run_shards
 
@@ -100,8 +114,10 @@ def generate_from_config(cfg: SynthConfig, out_dir: str | Path,
     owned = ["mimic-iv", "mimic-cxr", "mimic-iv-ecg", "mimic-iv-note", "truth", PARTS_DIR]
     existing = [d for d in owned if (root / d).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{root} already holds {existing}; pass overwrite=True "
-                              "(--overwrite) or choose another folder")
+        raise FileExistsError(
+            f"{root} already holds {existing}; pass overwrite=True "
+            "(--overwrite) or choose another folder"
+        )
     for d in existing:
         shutil.rmtree(root / d)
     root.mkdir(parents=True, exist_ok=True)
@@ -111,20 +127,31 @@ def generate_from_config(cfg: SynthConfig, out_dir: str | Path,
     cohort = stays[stays["in_ihm48"] == 1]
     root_cohort = stays[stays["in_root_cohort"] == 1]
     summary = CorpusSummary(
-        out_dir=root, n_patients=cfg.n_patients, seconds=0.0, counts=counts,
+        out_dir=root,
+        n_patients=cfg.n_patients,
+        seconds=0.0,
+        counts=counts,
         n_ihm48=len(cohort),
         prevalence_ihm48=float(cohort["label_mortality"].mean()) if len(cohort) else float("nan"),
         oracle_auroc_ihm48=oracle_auroc(stays),
-        presence={m: float(root_cohort[f"has_{m}"].mean()) if len(root_cohort) else float("nan")
-                  for m in ("ehr", "cxr", "ecg", "notes")},
+        presence={
+            m: float(root_cohort[f"has_{m}"].mean()) if len(root_cohort) else float("nan")
+            for m in ("ehr", "cxr", "ecg", "notes")
+        },
     )
     effects = effects_description()
-    effects["config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                         for k, v in asdict(replace(cfg, workers=None, quiet=False)).items()}
-    effects["summary"] = {"n_ihm48": summary.n_ihm48, "prevalence_ihm48": summary.prevalence_ihm48,
-                          "oracle_auroc_ihm48": summary.oracle_auroc_ihm48,
-                          "presence_root_cohort": summary.presence}
-    (root / "truth" / "effects.json").write_text(json.dumps(effects, indent=2, sort_keys=True)
-                                                 + "\n")
+    effects["config"] = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in asdict(replace(cfg, workers=None, quiet=False)).items()
+    }
+    effects["summary"] = {
+        "n_ihm48": summary.n_ihm48,
+        "prevalence_ihm48": summary.prevalence_ihm48,
+        "oracle_auroc_ihm48": summary.oracle_auroc_ihm48,
+        "presence_root_cohort": summary.presence,
+    }
+    (root / "truth" / "effects.json").write_text(
+        json.dumps(effects, indent=2, sort_keys=True) + "\n"
+    )
     summary.seconds = time.perf_counter() - start
     return summary

@@ -32,7 +32,7 @@ def uid_from(*parts) -> str:
 def dicom_id_from(seed: int, study_id: int, k: int) -> str:
     """40 hex characters in dash-separated groups of 8, like MIMIC-CXR dicom ids."""
     h = hashlib.sha1(f"{seed}|{study_id}|{k}".encode()).hexdigest()
-    return "-".join(h[i:i + 8] for i in range(0, 40, 8))
+    return "-".join(h[i : i + 8] for i in range(0, 40, 8))
 
 
 def _soft(inside: np.ndarray, sharp: float = 10.0) -> np.ndarray:
@@ -60,8 +60,9 @@ def plan_findings(rng: np.random.Generator, pulmonary: int, severity: float) -> 
 RENDER_MAX = 320  # anatomy is rendered at most this many rows, then upsampled (it is smooth)
 
 
-def render_chest(rng: np.random.Generator, rows: int, cols: int, view: str,
-                 findings: dict) -> np.ndarray:
+def render_chest(
+    rng: np.random.Generator, rows: int, cols: int, view: str, findings: dict
+) -> np.ndarray:
     """Render a chest radiograph density map in [0, 1], float32 ``(rows, cols)``.
 
     The smooth anatomy and findings are drawn on a grid of at most ``RENDER_MAX`` rows and
@@ -80,14 +81,17 @@ def render_chest(rng: np.random.Generator, rows: int, cols: int, view: str,
         img = img + 0.22 * np.exp(-(((x - 0.62) / 0.1) ** 2))  # spine (posterior)
         img = img + 0.15 * _soft(1 - ((x + 0.2) / 0.3) ** 2 - ((y - 0.35) / 0.3) ** 2)  # heart
     else:
-        lungs = [_soft(1 - ((x - cx) / rx) ** 2 - ((y - cy) / ry) ** 2, 8)
-                 for cx, cy, rx, ry in LUNG_FIELDS]
+        lungs = [
+            _soft(1 - ((x - cx) / rx) ** 2 - ((y - cy) / ry) ** 2, 8)
+            for cx, cy, rx, ry in LUNG_FIELDS
+        ]
         img = img + 0.18 * np.exp(-((x / 0.09) ** 2)) * _soft(y + 0.95, 5)  # spine + mediastinum
         heart_r = 0.34 if findings["cardiomegaly"] else 0.27
         img = img + 0.16 * _soft(1 - ((x - 0.1) / heart_r) ** 2 - ((y - 0.3) / 0.24) ** 2)
         for side in (-1, 1):  # clavicles
-            img = img + 0.12 * np.exp(-(((y + 0.62 + 0.25 * (x * side - 0.4) ** 2) / 0.025) ** 2)) \
-                * _soft(0.8 - np.abs(x - side * 0.4) * 2.2, 8)
+            img = img + 0.12 * np.exp(
+                -(((y + 0.62 + 0.25 * (x * side - 0.4) ** 2) / 0.025) ** 2)
+            ) * _soft(0.8 - np.abs(x - side * 0.4) * 2.2, 8)
     lung = np.clip(sum(lungs), 0, 1)
     img = img - 0.32 * lung
     ribs = 0.5 + 0.5 * np.sin(2 * np.pi * (y * 5.5 - 0.9 * x**2 + rng.uniform(0, 1)))
@@ -216,5 +220,8 @@ def write_dx(path: Path, density: np.ndarray, rng: np.random.Generator, meta: di
     ds.PixelData = stored.astype("<u2").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return {"bits_stored": bits, "photometric": ds.PhotometricInterpretation,
-            "has_window": has_window}
+    return {
+        "bits_stored": bits,
+        "photometric": ds.PhotometricInterpretation,
+        "has_window": has_window,
+    }

@@ -58,9 +58,13 @@ def chexpert_row(rng: np.random.Generator, findings: dict) -> dict:
     return row
 
 
-def cxr_shard(plan: ShardPlan, rng: np.random.Generator, cfg: SynthConfig, root: Path,
-              findings_rng: np.random.Generator,
-              ) -> tuple[dict[str, pd.DataFrame], list[dict], dict[int, dict]]:
+def cxr_shard(
+    plan: ShardPlan,
+    rng: np.random.Generator,
+    cfg: SynthConfig,
+    root: Path,
+    findings_rng: np.random.Generator,
+) -> tuple[dict[str, pd.DataFrame], list[dict], dict[int, dict]]:
     """Render and write the shard's radiographs; return tables, truth rows and study findings.
 
     What a study shows (findings, views, labels) comes from ``findings_rng``; pixel sizes,
@@ -81,8 +85,13 @@ def cxr_shard(plan: ShardPlan, rng: np.random.Generator, cfg: SynthConfig, root:
         findings["procedure"] = procedure
         date, time_text, time_float = split_date_time(ev["time"])
         orientation = "Recumbent" if views == ("AP",) else str(findings_rng.choice(["Erect", ""]))
-        label_rows.append({"subject_id": ev["subject_id"], "study_id": ev["study_id"],
-                           **chexpert_row(findings_rng, findings)})
+        label_rows.append(
+            {
+                "subject_id": ev["subject_id"],
+                "study_id": ev["study_id"],
+                **chexpert_row(findings_rng, findings),
+            }
+        )
         for j, view in enumerate(views):
             rows = int(rng.integers(lo, hi + 1))
             cols = int(np.clip(round(rows * rng.uniform(0.8, 1.0)), 16, None))
@@ -91,26 +100,62 @@ def cxr_shard(plan: ShardPlan, rng: np.random.Generator, cfg: SynthConfig, root:
             enc = {"bits_stored": None, "photometric": None, "has_window": None}
             if cfg.write_images:
                 img = render_chest(rng, rows, cols, view, findings)
-                enc = write_dx(root / "mimic-cxr" / rel, img, rng, {
-                    "seed": cfg.seed, "subject_id": ev["subject_id"], "study_id": ev["study_id"],
-                    "dicom_id": dicom_id, "view": view, "date": date, "time": time_text,
-                    "procedure": procedure})
-            meta_rows.append({
-                "dicom_id": dicom_id, "subject_id": ev["subject_id"], "study_id": ev["study_id"],
-                "PerformedProcedureStepDescription": procedure, "ViewPosition": view,
-                "Rows": rows, "Columns": cols, "StudyDate": int(date), "StudyTime": time_float,
-                "ProcedureCodeSequence_CodeMeaning": procedure,
-                "ViewCodeSequence_CodeMeaning": VIEW_MEANING[view],
-                "PatientOrientationCodeSequence_CodeMeaning": orientation or None,
-            })
-            record_rows.append({"subject_id": ev["subject_id"], "study_id": ev["study_id"],
-                                "dicom_id": dicom_id, "path": rel})
-            truth.append({"modality": "cxr", "study_id": ev["study_id"], "dicom_id": dicom_id,
-                          "subject_id": ev["subject_id"], "hadm_id": ev["hadm_id"],
-                          "stay_id": ev["stay_id"], "time": ev["time"],
-                          "in_window": ev["in_window"], "view": view, **enc,
-                          "opacity": findings["opacity"], "effusion": findings["effusion"],
-                          "devices": findings["devices"]})
+                enc = write_dx(
+                    root / "mimic-cxr" / rel,
+                    img,
+                    rng,
+                    {
+                        "seed": cfg.seed,
+                        "subject_id": ev["subject_id"],
+                        "study_id": ev["study_id"],
+                        "dicom_id": dicom_id,
+                        "view": view,
+                        "date": date,
+                        "time": time_text,
+                        "procedure": procedure,
+                    },
+                )
+            meta_rows.append(
+                {
+                    "dicom_id": dicom_id,
+                    "subject_id": ev["subject_id"],
+                    "study_id": ev["study_id"],
+                    "PerformedProcedureStepDescription": procedure,
+                    "ViewPosition": view,
+                    "Rows": rows,
+                    "Columns": cols,
+                    "StudyDate": int(date),
+                    "StudyTime": time_float,
+                    "ProcedureCodeSequence_CodeMeaning": procedure,
+                    "ViewCodeSequence_CodeMeaning": VIEW_MEANING[view],
+                    "PatientOrientationCodeSequence_CodeMeaning": orientation or None,
+                }
+            )
+            record_rows.append(
+                {
+                    "subject_id": ev["subject_id"],
+                    "study_id": ev["study_id"],
+                    "dicom_id": dicom_id,
+                    "path": rel,
+                }
+            )
+            truth.append(
+                {
+                    "modality": "cxr",
+                    "study_id": ev["study_id"],
+                    "dicom_id": dicom_id,
+                    "subject_id": ev["subject_id"],
+                    "hadm_id": ev["hadm_id"],
+                    "stay_id": ev["stay_id"],
+                    "time": ev["time"],
+                    "in_window": ev["in_window"],
+                    "view": view,
+                    **enc,
+                    "opacity": findings["opacity"],
+                    "effusion": findings["effusion"],
+                    "devices": findings["devices"],
+                }
+            )
     tables = {
         "cxr_metadata": pd.DataFrame(meta_rows, columns=COLUMNS["cxr_metadata"]),
         "cxr_chexpert": pd.DataFrame(label_rows, columns=COLUMNS["cxr_chexpert"]),

@@ -23,11 +23,22 @@ FS = 500
 N_SAMPLES = 5000
 GAIN = 200.0
 # Horizontal-plane directions (x left, y inferior, z anterior) of V1..V6.
-PRECORDIAL = np.array([[-0.25, 0.1, 0.96], [0.0, 0.1, 1.0], [0.4, 0.1, 0.9],
-                       [0.7, 0.1, 0.7], [0.9, 0.1, 0.4], [1.0, 0.1, 0.1]])
+PRECORDIAL = np.array(
+    [
+        [-0.25, 0.1, 0.96],
+        [0.0, 0.1, 1.0],
+        [0.4, 0.1, 0.9],
+        [0.7, 0.1, 0.7],
+        [0.9, 0.1, 0.4],
+        [1.0, 0.1, 0.1],
+    ]
+)
 # Injury vectors of the ST changes (mV): anterior / inferior elevation, diffuse depression.
-ST_VECTORS = {"anterior": np.array([0.1, -0.05, 0.3]), "inferior": np.array([0.0, 0.25, 0.05]),
-              "depression": np.array([-0.12, -0.1, -0.1])}
+ST_VECTORS = {
+    "anterior": np.array([0.1, -0.05, 0.3]),
+    "inferior": np.array([0.0, 0.25, 0.05]),
+    "depression": np.array([-0.12, -0.1, -0.1]),
+}
 
 
 def plan_cardiac(rng: np.random.Generator, cardiac: int, severity: float, infection: int) -> dict:
@@ -40,7 +51,9 @@ def plan_cardiac(rng: np.random.Generator, cardiac: int, severity: float, infect
             wide = bool(rng.random() < 0.4)
             af = bool(rng.random() < 0.35)
     return {
-        "st": st, "wide_qrs": wide, "af": af,
+        "st": st,
+        "wide_qrs": wide,
+        "af": af,
         "bbb": str(rng.choice(["Right", "Left"])) if wide else None,
         "hr": float(np.clip(80 + 11 * severity + 12 * infection + rng.normal(0, 8), 40, 170)),
         "axis_deg": float(rng.normal(0, 20)),
@@ -92,22 +105,34 @@ def synth_ecg(rng: np.random.Generator, ph: dict) -> tuple[np.ndarray, dict]:
     dipole = np.zeros((N_SAMPLES + 2 * pad, 3))  # padded at both ends, cropped below
     for p in peaks:
         i0 = int(round(p * FS)) - lead_in + pad
-        dipole[i0:i0 + pad] += template
-    dipole = dipole[pad:pad + N_SAMPLES]  # (5000, 3)
+        dipole[i0 : i0 + pad] += template
+    dipole = dipole[pad : pad + N_SAMPLES]  # (5000, 3)
     if ph["af"]:
-        f = sum(0.03 * np.sin(2 * np.pi * rng.uniform(4, 8) * t + rng.uniform(0, 6)) for _ in range(3))
+        f = sum(
+            0.03 * np.sin(2 * np.pi * rng.uniform(4, 8) * t + rng.uniform(0, 6)) for _ in range(3)
+        )
         dipole += f[:, None] * np.array([0.5, 0.8, 0.2])[None, :]
     lead_i, lead_ii = dipole[:, 0], 0.5 * dipole[:, 0] + 0.866 * dipole[:, 1]
-    limb = [lead_i, lead_ii, lead_ii - lead_i, -(lead_i + lead_ii) / 2,
-            lead_ii - lead_i / 2, lead_i - lead_ii / 2]  # I, II, III, aVR, aVF, aVL
+    limb = [
+        lead_i,
+        lead_ii,
+        lead_ii - lead_i,
+        -(lead_i + lead_ii) / 2,
+        lead_ii - lead_i / 2,
+        lead_i - lead_ii / 2,
+    ]  # I, II, III, aVR, aVF, aVL
     prec = dipole @ PRECORDIAL.T  # (5000, 6)
     sig = np.column_stack(limb + [prec])  # (5000, 12)
     wander = 0.08 * np.sin(2 * np.pi * rng.uniform(0.1, 0.4) * t[:, None] + rng.uniform(0, 6, 12))
     sig = sig + wander + rng.normal(0, 0.015, sig.shape)
     sig = sig + 0.01 * np.sin(2 * np.pi * 60 * t)[:, None]
     qrs_ms = 95 * w + rng.normal(0, 6)
-    return sig, {"rr": 1000 * float(np.mean(np.diff(peaks))),
-                 "qrs": qrs_ms, "qt": 1000 * qt, "pr": 160 + rng.normal(0, 15)}
+    return sig, {
+        "rr": 1000 * float(np.mean(np.diff(peaks))),
+        "qrs": qrs_ms,
+        "qt": 1000 * qt,
+        "pr": 160 + rng.normal(0, 15),
+    }
 
 
 def record_path(subject_id: int, study_id: int) -> str:
@@ -121,8 +146,14 @@ def digitize(signal: np.ndarray) -> np.ndarray:
     return np.clip(np.round(signal * GAIN), -32767, 32767).astype(np.int64)
 
 
-def write_record(root: Path, subject_id: int, study_id: int, time_s: int, signal: np.ndarray,
-                 engine: str = "fast") -> str:
+def write_record(
+    root: Path,
+    subject_id: int,
+    study_id: int,
+    time_s: int,
+    signal: np.ndarray,
+    engine: str = "fast",
+) -> str:
     """Write one WFDB record (fmt 16, gain 200, baseline 0); return its relative path.
 
     ``engine="wfdb"`` calls ``wfdb.wrsamp``; ``"fast"`` (default) writes the same bytes directly
@@ -138,16 +169,28 @@ def write_record(root: Path, subject_id: int, study_id: int, time_s: int, signal
     if engine == "wfdb":
         import wfdb
 
-        wfdb.wrsamp(name, fs=FS, units=["mV"] * 12, sig_name=list(ECG_LEADS),
-                    p_signal=np.array(signal, dtype=float), fmt=["16"] * 12,
-                    adc_gain=[GAIN] * 12, baseline=[0] * 12, comments=[comment],
-                    base_time=when.time(), base_date=when.date(), write_dir=str(out))
+        wfdb.wrsamp(
+            name,
+            fs=FS,
+            units=["mV"] * 12,
+            sig_name=list(ECG_LEADS),
+            p_signal=np.array(signal, dtype=float),
+            fmt=["16"] * 12,
+            adc_gain=[GAIN] * 12,
+            baseline=[0] * 12,
+            comments=[comment],
+            base_time=when.time(),
+            base_date=when.date(),
+            write_dir=str(out),
+        )
         return rel
     d = digitize(signal)  # (5000, 12)
     checksum = d.sum(0) % 65536
     lines = [f"{name} 12 {FS} {len(d)} {when:%H:%M:%S} {when:%d/%m/%Y}"]
-    lines += [f"{name}.dat 16 {GAIN}(0)/mV 16 0 {d[0, k]} {checksum[k]} 0 {lead}"
-              for k, lead in enumerate(ECG_LEADS)]
+    lines += [
+        f"{name}.dat 16 {GAIN}(0)/mV 16 0 {d[0, k]} {checksum[k]} 0 {lead}"
+        for k, lead in enumerate(ECG_LEADS)
+    ]
     lines.append(f"# {comment}")
     (out / f"{name}.hea").write_text("\n".join(lines) + "\n")
     (out / f"{name}.dat").write_bytes(d.astype("<i2").tobytes())  # sample-major, interleaved
@@ -168,12 +211,25 @@ def machine_report(rng: np.random.Generator, ph: dict, intervals: dict) -> list[
     if ph["wide_qrs"] and rng.random() < 0.9:
         out.append(f"{ph['bbb']} bundle branch block")
     if ph["st"] and rng.random() < 0.85:
-        out.append({"anterior": "Anterior ST elevation - possible acute infarct",
-                    "inferior": "Inferior ST elevation - possible acute infarct",
-                    "depression": "ST depression - possible ischemia"}[ph["st"]])
+        out.append(
+            {
+                "anterior": "Anterior ST elevation - possible acute infarct",
+                "inferior": "Inferior ST elevation - possible acute infarct",
+                "depression": "ST depression - possible ischemia",
+            }[ph["st"]]
+        )
     if rng.random() < 0.1:
-        out.append(str(rng.choice(["Possible right atrial abnormality", "Left axis deviation",
-                                   "Low QRS voltages in precordial leads"])))
+        out.append(
+            str(
+                rng.choice(
+                    [
+                        "Possible right atrial abnormality",
+                        "Left axis deviation",
+                        "Low QRS voltages in precordial leads",
+                    ]
+                )
+            )
+        )
     if rng.random() < 0.3:
         out.append("")  # real reports have blank statements in between
     abnormal = ph["af"] or ph["wide_qrs"] or ph["st"]

@@ -25,10 +25,27 @@ from clinical_moe.data.synthetic.schema import (
 from clinical_moe.data.synthetic.timeutil import fmt_datetime
 
 CHART_MAX_DAYS = 7.0  # chart the first week of a stay at most (bounded table size)
-UNITS = {220045: "bpm", 220179: "mmHg", 220180: "mmHg", 220181: "mmHg", 220050: "mmHg",
-         220051: "mmHg", 220052: "mmHg", 220210: "insp/min", 220277: "%", 223761: "°F",
-         223762: "°C", 223835: "%", 220621: "mg/dL", 220274: "units", 226730: "cm", 226707: "Inch",
-         226512: "kg", 226531: "lbs", 224639: "kg"}
+UNITS = {
+    220045: "bpm",
+    220179: "mmHg",
+    220180: "mmHg",
+    220181: "mmHg",
+    220050: "mmHg",
+    220051: "mmHg",
+    220052: "mmHg",
+    220210: "insp/min",
+    220277: "%",
+    223761: "°F",
+    223762: "°C",
+    223835: "%",
+    220621: "mg/dL",
+    220274: "units",
+    226730: "cm",
+    226707: "Inch",
+    226512: "kg",
+    226531: "lbs",
+    224639: "kg",
+}
 
 
 def _ar1(rng, n: int, sd: float, phi: float = 0.8) -> np.ndarray:
@@ -68,8 +85,9 @@ def _num_text(values: np.ndarray, decimals: int) -> list[str]:
     return [f"{v:.{decimals}f}" for v in values]
 
 
-def chartevents_table(plan: ShardPlan, rng: np.random.Generator,
-                      impossible_rate: float) -> tuple[pd.DataFrame, int]:
+def chartevents_table(
+    plan: ShardPlan, rng: np.random.Generator, impossible_rate: float
+) -> tuple[pd.DataFrame, int]:
     """icu/chartevents rows of the shard and the number of impossible values injected."""
     rows = _Rows()
     n_bad = 0
@@ -77,8 +95,10 @@ def chartevents_table(plan: ShardPlan, rng: np.random.Generator,
     for stay in plan.stays:
         sid = stay["subject_id"]
         if sid not in weights:  # one body per patient: weight (kg), height (cm)
-            weights[sid] = (float(np.clip(rng.normal(80, 18), 40, 180)),
-                            float(np.clip(rng.normal(170, 10), 140, 205)))
+            weights[sid] = (
+                float(np.clip(rng.normal(80, 18), 40, 180)),
+                float(np.clip(rng.normal(170, 10), 140, 205)),
+            )
         n_bad += _chart_stay(rng, rows, stay, weights[sid], impossible_rate)
     df = rows.frame()
     if len(df) == 0:
@@ -97,19 +117,28 @@ def _chart_stay(rng, rows: _Rows, stay: dict, body: tuple[float, float], bad_rat
     end = min(stay["outtime"], start + int(CHART_MAX_DAYS * DAY))
     intubated = sev > 1.0 and rng.random() < 0.8
     caregivers = rng.integers(10000, 99999, 4)
-    ident = {"subject_id": stay["subject_id"], "hadm_id": stay["hadm_id"],
-             "stay_id": stay["stay_id"]}
+    ident = {
+        "subject_id": stay["subject_id"],
+        "hadm_id": stay["hadm_id"],
+        "stay_id": stay["stay_id"],
+    }
 
     def emit(times, itemid, values, decimals=0, text=None):
         n = len(times)
         if n == 0:
             return
         vals = np.round(np.asarray(values, dtype=float), decimals)
-        rows.add(**ident, caregiver_id=rng.choice(caregivers, n), charttime=times,
-                 store_delay=(rng.integers(1, 90, n) * 60), itemid=np.full(n, itemid),
-                 value=text if text is not None else _num_text(vals, decimals),
-                 valuenum=vals, valueuom=np.full(n, UNITS.get(itemid), dtype=object),
-                 warning=np.zeros(n, dtype=int))
+        rows.add(
+            **ident,
+            caregiver_id=rng.choice(caregivers, n),
+            charttime=times,
+            store_delay=(rng.integers(1, 90, n) * 60),
+            itemid=np.full(n, itemid),
+            value=text if text is not None else _num_text(vals, decimals),
+            valuenum=vals,
+            valueuom=np.full(n, UNITS.get(itemid), dtype=object),
+            warning=np.zeros(n, dtype=int),
+        )
 
     t = _grid(rng, start, end, 1.0)
     n = len(t)
@@ -121,8 +150,9 @@ def _chart_stay(rng, rows: _Rows, stay: dict, body: tuple[float, float], bad_rat
     dbp = np.clip(0.55 * sbp + 4 + rng.normal(0, 4, n), 30, 130)
     mbp = (sbp + 2 * dbp) / 3
     art = sev > 0.3 and rng.random() < 0.6
-    for itemid, v in zip((220050, 220051, 220052) if art else (220179, 220180, 220181),
-                         (sbp, dbp, mbp)):
+    for itemid, v in zip(
+        (220050, 220051, 220052) if art else (220179, 220180, 220181), (sbp, dbp, mbp)
+    ):
         emit(t, itemid, v)
     emit(t, 220210, np.clip(17 + 3.5 * sev + 2 * inf + _ar1(rng, n, 2), 6, 50))
     spo2 = np.clip(97 - 1.5 * sev + _ar1(rng, n, 1.2), 70, 100)
@@ -168,8 +198,7 @@ def _chart_stay(rng, rows: _Rows, stay: dict, body: tuple[float, float], bad_rat
     if rng.random() < 0.4:
         t8 = _grid(rng, start, end, 8.0)
         abnormal = (sev + rng.normal(0, 0.7, len(t8))) > 1.0
-        emit(t8, 223951, np.full(len(t8), np.nan),
-             text=[CAP_REFILL[int(a)] for a in abnormal])
+        emit(t8, 223951, np.full(len(t8), np.nan), text=[CAP_REFILL[int(a)] for a in abnormal])
     return n_bad
 
 
@@ -198,7 +227,10 @@ def labevents_table(plan: ShardPlan, rng: np.random.Generator) -> pd.DataFrame:
     pidx = {p["subject_id"]: p["patient_index"] for p in plan.patients}
     for stay in plan.stays:
         sev, inf = stay["severity"], stay["infection"]
-        start, end = stay["intime"], min(stay["outtime"], stay["intime"] + int(CHART_MAX_DAYS * DAY))
+        start, end = (
+            stay["intime"],
+            min(stay["outtime"], stay["intime"] + int(CHART_MAX_DAYS * DAY)),
+        )
         draws = [stay["intime"] - int(rng.uniform(0.2, 3) * HOUR)]
         draws += [int(x) for x in _grid(rng, start, end, 12.0)]
         n_out = int(rng.integers(1, 4))
@@ -206,7 +238,9 @@ def labevents_table(plan: ShardPlan, rng: np.random.Generator) -> pd.DataFrame:
         gas = sev > 0.5 and rng.random() < 0.8
         for k, t in enumerate(draws + outpatient):
             inpatient = k < len(draws)
-            items = [51301, 50912, 50931] + ([50813, 50820, 50809, 50817] if gas and inpatient else [])
+            items = [51301, 50912, 50931] + (
+                [50813, 50820, 50809, 50817] if gas and inpatient else []
+            )
             s, i = (sev, inf) if inpatient else (0.0, 0.0)
             hadm = stay["hadm_id"] if inpatient and rng.random() > 0.12 else None
             specimen = int(rng.integers(10_000_000, 99_999_999))
@@ -220,13 +254,44 @@ def labevents_table(plan: ShardPlan, rng: np.random.Generator) -> pd.DataFrame:
                 if rng.random() < 0.005:
                     text, v, comments = "___", np.nan, "___"
                 abnormal = lo is not None and not np.isnan(v) and (v < lo or v > hi)
-                recs.append((stay["subject_id"], hadm, specimen, itemid, provider, t // 60 * 60,
-                             int(rng.integers(20, 240)) * 60, text, v, unit, lo, hi,
-                             "abnormal" if abnormal else None, priority, comments,
-                             pidx[stay["subject_id"]]))
-    names = ["subject_id", "hadm_id", "specimen_id", "itemid", "order_provider_id", "charttime",
-             "store_delay", "value", "valuenum", "valueuom", "ref_range_lower", "ref_range_upper",
-             "flag", "priority", "comments", "pidx"]
+                recs.append(
+                    (
+                        stay["subject_id"],
+                        hadm,
+                        specimen,
+                        itemid,
+                        provider,
+                        t // 60 * 60,
+                        int(rng.integers(20, 240)) * 60,
+                        text,
+                        v,
+                        unit,
+                        lo,
+                        hi,
+                        "abnormal" if abnormal else None,
+                        priority,
+                        comments,
+                        pidx[stay["subject_id"]],
+                    )
+                )
+    names = [
+        "subject_id",
+        "hadm_id",
+        "specimen_id",
+        "itemid",
+        "order_provider_id",
+        "charttime",
+        "store_delay",
+        "value",
+        "valuenum",
+        "valueuom",
+        "ref_range_lower",
+        "ref_range_upper",
+        "flag",
+        "priority",
+        "comments",
+        "pidx",
+    ]
     df = pd.DataFrame.from_records(recs, columns=names)
     if len(df) == 0:
         return pd.DataFrame(columns=COLUMNS["labevents"])

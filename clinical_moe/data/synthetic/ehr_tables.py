@@ -25,8 +25,12 @@ PHENOTYPE_CODES = {
 }
 # Background comorbidities: (ICD-9, ICD-10, prevalence).
 BACKGROUND_CODES = [
-    ("4019", "I10", 0.45), ("25000", "E119", 0.25), ("2724", "E785", 0.35),
-    ("V1582", "Z87891", 0.20), ("5859", "N189", 0.10), ("53081", "K219", 0.20),
+    ("4019", "I10", 0.45),
+    ("25000", "E119", 0.25),
+    ("2724", "E785", 0.35),
+    ("V1582", "Z87891", 0.20),
+    ("5859", "N189", 0.10),
+    ("53081", "K219", 0.20),
     ("0340", "J020", 0.02),
 ]
 
@@ -63,34 +67,70 @@ def admissions_table(plan: ShardPlan, rng: np.random.Generator) -> pd.DataFrame:
             edreg = adm["admittime"] - int(rng.uniform(1, 8) * 3600)
             edout = adm["admittime"] + int(rng.uniform(0, 1) * 3600)
         else:
-            adm_type = rng.choice(["ELECTIVE", "SURGICAL SAME DAY ADMISSION", "OBSERVATION ADMIT",
-                                   "URGENT"])
-            location = rng.choice(["TRANSFER FROM HOSPITAL", "PHYSICIAN REFERRAL",
-                                   "CLINIC REFERRAL", "WALK-IN/SELF REFERRAL"])
+            adm_type = rng.choice(
+                ["ELECTIVE", "SURGICAL SAME DAY ADMISSION", "OBSERVATION ADMIT", "URGENT"]
+            )
+            location = rng.choice(
+                [
+                    "TRANSFER FROM HOSPITAL",
+                    "PHYSICIAN REFERRAL",
+                    "CLINIC REFERRAL",
+                    "WALK-IN/SELF REFERRAL",
+                ]
+            )
             edreg = edout = None
         if adm["died"]:
             disch_loc = "DIED"
         else:
-            disch_loc = rng.choice(["HOME", "HOME HEALTH CARE", "SKILLED NURSING FACILITY",
-                                    "REHAB", "CHRONIC/LONG TERM ACUTE CARE", None],
-                                   p=[0.35, 0.25, 0.2, 0.08, 0.04, 0.08])
-        rows.append({
-            "subject_id": adm["subject_id"], "hadm_id": adm["hadm_id"],
-            "admittime": adm["admittime"], "dischtime": adm["dischtime"],
-            "deathtime": adm["deathtime"], "admission_type": str(adm_type),
-            "admit_provider_id": "P" + "".join(rng.choice(list("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"),
-                                                          5)),
-            "admission_location": str(location), "discharge_location": disch_loc,
-            "insurance": str(rng.choice(["Medicare", "Medicaid", "Other"], p=[0.45, 0.15, 0.4])),
-            "language": "ENGLISH" if rng.random() < 0.9 else "?",
-            "marital_status": rng.choice(["MARRIED", "SINGLE", "WIDOWED", "DIVORCED", None],
-                                         p=[0.45, 0.3, 0.12, 0.08, 0.05]),
-            "race": str(rng.choice(["WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO - PUERTO RICAN",
-                                    "ASIAN", "OTHER", "UNKNOWN"],
-                                   p=[0.62, 0.14, 0.05, 0.04, 0.07, 0.08])),
-            "edregtime": edreg, "edouttime": edout,
-            "hospital_expire_flag": int(adm["died"]),
-        })
+            disch_loc = rng.choice(
+                [
+                    "HOME",
+                    "HOME HEALTH CARE",
+                    "SKILLED NURSING FACILITY",
+                    "REHAB",
+                    "CHRONIC/LONG TERM ACUTE CARE",
+                    None,
+                ],
+                p=[0.35, 0.25, 0.2, 0.08, 0.04, 0.08],
+            )
+        rows.append(
+            {
+                "subject_id": adm["subject_id"],
+                "hadm_id": adm["hadm_id"],
+                "admittime": adm["admittime"],
+                "dischtime": adm["dischtime"],
+                "deathtime": adm["deathtime"],
+                "admission_type": str(adm_type),
+                "admit_provider_id": "P"
+                + "".join(rng.choice(list("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"), 5)),
+                "admission_location": str(location),
+                "discharge_location": disch_loc,
+                "insurance": str(
+                    rng.choice(["Medicare", "Medicaid", "Other"], p=[0.45, 0.15, 0.4])
+                ),
+                "language": "ENGLISH" if rng.random() < 0.9 else "?",
+                "marital_status": rng.choice(
+                    ["MARRIED", "SINGLE", "WIDOWED", "DIVORCED", None],
+                    p=[0.45, 0.3, 0.12, 0.08, 0.05],
+                ),
+                "race": str(
+                    rng.choice(
+                        [
+                            "WHITE",
+                            "BLACK/AFRICAN AMERICAN",
+                            "HISPANIC/LATINO - PUERTO RICAN",
+                            "ASIAN",
+                            "OTHER",
+                            "UNKNOWN",
+                        ],
+                        p=[0.62, 0.14, 0.05, 0.04, 0.07, 0.08],
+                    )
+                ),
+                "edregtime": edreg,
+                "edouttime": edout,
+                "hospital_expire_flag": int(adm["died"]),
+            }
+        )
     df = pd.DataFrame(rows, columns=COLUMNS["admissions"])
     for col in ("admittime", "dischtime", "deathtime", "edregtime", "edouttime"):
         df[col] = fmt_datetime(df[col].tolist())
@@ -121,8 +161,15 @@ def diagnoses_table(plan: ShardPlan, rng: np.random.Generator) -> pd.DataFrame:
         if not codes:
             codes.append(BACKGROUND_CODES[0][col])
         for seq, code in enumerate(codes, start=1):
-            rows.append({"subject_id": adm["subject_id"], "hadm_id": adm["hadm_id"],
-                         "seq_num": seq, "icd_code": code, "icd_version": adm["icd_version"]})
+            rows.append(
+                {
+                    "subject_id": adm["subject_id"],
+                    "hadm_id": adm["hadm_id"],
+                    "seq_num": seq,
+                    "icd_code": code,
+                    "icd_version": adm["icd_version"],
+                }
+            )
     return pd.DataFrame(rows, columns=COLUMNS["diagnoses_icd"])
 
 
@@ -130,14 +177,26 @@ def d_items_table() -> pd.DataFrame:
     """icu/d_items rows for the chart items the corpus uses."""
     rows = []
     for itemid, (label, abbr, cat, unit, ptype, lo, hi) in sorted(CHART_ITEMS.items()):
-        rows.append({"itemid": itemid, "label": label, "abbreviation": abbr,
-                     "linksto": "chartevents", "category": cat, "unitname": unit,
-                     "param_type": ptype, "lownormalvalue": lo, "highnormalvalue": hi})
+        rows.append(
+            {
+                "itemid": itemid,
+                "label": label,
+                "abbreviation": abbr,
+                "linksto": "chartevents",
+                "category": cat,
+                "unitname": unit,
+                "param_type": ptype,
+                "lownormalvalue": lo,
+                "highnormalvalue": hi,
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS["d_items"])
 
 
 def d_labitems_table() -> pd.DataFrame:
     """hosp/d_labitems rows for the lab items the corpus uses."""
-    rows = [{"itemid": k, "label": v[0], "fluid": v[1], "category": v[2]}
-            for k, v in sorted(LAB_ITEMS.items())]
+    rows = [
+        {"itemid": k, "label": v[0], "fluid": v[1], "category": v[2]}
+        for k, v in sorted(LAB_ITEMS.items())
+    ]
     return pd.DataFrame(rows, columns=COLUMNS["d_labitems"])

@@ -40,8 +40,14 @@ OUTCOME_COEF = {
 }
 
 # ICU length of stay (days): log-normal, log-mean = log(base) + coefficients * factors.
-LOS_COEF = {"base_days": 2.2, "severity": 0.25, "infection": 0.2, "sd_log": 0.75,
-            "min_days": 0.3, "max_days": 40.0}
+LOS_COEF = {
+    "base_days": 2.2,
+    "severity": 0.25,
+    "infection": 0.2,
+    "sd_log": 0.75,
+    "min_days": 0.3,
+    "max_days": 40.0,
+}
 
 # Probability that a modality is observed inside the pairing window (missing not at random):
 # p = sigmoid(intercept + sum coef * factor).
@@ -54,16 +60,21 @@ PRESENCE_COEF = {
 
 # Which latent factor each modality carries (and how strongly, qualitatively).
 MODALITY_EFFECTS = {
-    "ehr": {"severity": "strong (HR, BP, RR, SpO2, GCS, FiO2, lactate, creatinine, pH, glucose)",
-            "infection": "strong (temperature, WBC, heart rate)"},
-    "cxr": {"pulmonary": "strong (opacities in lung fields, effusion blunting the "
-                         "costophrenic angles)",
-            "severity": "weak (support devices: tubes and lines)"},
+    "ehr": {
+        "severity": "strong (HR, BP, RR, SpO2, GCS, FiO2, lactate, creatinine, pH, glucose)",
+        "infection": "strong (temperature, WBC, heart rate)",
+    },
+    "cxr": {
+        "pulmonary": "strong (opacities in lung fields, effusion blunting the costophrenic angles)",
+        "severity": "weak (support devices: tubes and lines)",
+    },
     "ecg": {"cardiac": "strong (ST deviation, wide QRS, atrial fibrillation; machine report)"},
-    "notes": {"severity": "strong (radiology indications and device wording)",
-              "pulmonary": "weak (radiology impressions)",
-              "outcome": "discharge summaries state the outcome: they leak it and are written at "
-                         "discharge, so they must not be used for 48 h predictions"},
+    "notes": {
+        "severity": "strong (radiology indications and device wording)",
+        "pulmonary": "weak (radiology impressions)",
+        "outcome": "discharge summaries state the outcome: they leak it and are written at "
+        "discharge, so they must not be used for 48 h predictions",
+    },
 }
 
 
@@ -137,15 +148,17 @@ def effects_description() -> dict:
         "outcome": {
             "name": "in-hospital death (admissions.deathtime / hospital_expire_flag / patients.dod)",
             "formula": "sigmoid(intercept + severity*s + cardiac*c + pulmonary*p + infection*i "
-                       "+ pulmonary_x_infection*p*i + age_per_15y_over_65*(age-65)/15)",
+            "+ pulmonary_x_infection*p*i + age_per_15y_over_65*(age-65)/15)",
             "coefficients": dict(OUTCOME_COEF),
             "noise": "label ~ Bernoulli(true_risk)",
         },
-        "los": {"formula": "exp(N(log(base_days) + severity*s + infection*i, sd_log)) clipped",
-                "coefficients": dict(LOS_COEF)},
+        "los": {
+            "formula": "exp(N(log(base_days) + severity*s + infection*i, sd_log)) clipped",
+            "coefficients": dict(LOS_COEF),
+        },
         "presence": {k: dict(v) for k, v in PRESENCE_COEF.items()},
         "modality_effects": MODALITY_EFFECTS,
         "phenotypes": "ICD codes follow the factors: infection -> sepsis, pulmonary -> pneumonia / "
-                      "respiratory failure, cardiac -> atrial fibrillation / NSTEMI, severity -> "
-                      "acute kidney failure / shock (see ehr_tables.PHENOTYPE_CODES)",
+        "respiratory failure, cardiac -> atrial fibrillation / NSTEMI, severity -> "
+        "acute kidney failure / shock (see ehr_tables.PHENOTYPE_CODES)",
     }

@@ -69,8 +69,10 @@ def shard_rngs(cfg: SynthConfig, shard_index: int) -> dict[str, np.random.Genera
 
 def _pick(rng: np.random.Generator, probs: list[float]) -> int:
     """Index drawn with probabilities ``probs`` (faster than ``rng.choice`` for one draw)."""
-    return min(int(np.searchsorted(np.cumsum(probs), rng.random() * sum(probs), side="right")),
-               len(probs) - 1)
+    return min(
+        int(np.searchsorted(np.cumsum(probs), rng.random() * sum(probs), side="right")),
+        len(probs) - 1,
+    )
 
 
 def _minute(t: float) -> int:
@@ -163,13 +165,19 @@ def _plan_patient(rng, plan: ShardPlan, i: int, stride: int, window_h: float) ->
             last = first
             if rng.random() < TRANSFER_RATE:
                 last = CAREUNITS[(CAREUNITS.index(first) + int(rng.integers(1, 7))) % 7]
-            stays.append({
-                "subject_id": subject_id, "hadm_id": adm["hadm_id"],
-                "stay_id": 30_000_000 + i * stride + n_stays,
-                "first_careunit": first, "last_careunit": last,
-                "intime": intime, "outtime": outtime, "los": (outtime - intime) / DAY,
-                "n_icu_in_admission": n_icu,
-            })
+            stays.append(
+                {
+                    "subject_id": subject_id,
+                    "hadm_id": adm["hadm_id"],
+                    "stay_id": 30_000_000 + i * stride + n_stays,
+                    "first_careunit": first,
+                    "last_careunit": last,
+                    "intime": intime,
+                    "outtime": outtime,
+                    "los": (outtime - intime) / DAY,
+                    "n_icu_in_admission": n_icu,
+                }
+            )
             n_stays += 1
             intime = outtime + int(rng.uniform(0.5, 3) * DAY)
         last_out = stays[-1]["outtime"]
@@ -184,8 +192,20 @@ def _plan_patient(rng, plan: ShardPlan, i: int, stride: int, window_h: float) ->
         )
         plan.admissions.append(adm)
         for stay in stays:
-            stay.update({k: adm[k] for k in ("severity", "cardiac", "pulmonary", "infection",
-                                             "true_risk", "died", "age")})
+            stay.update(
+                {
+                    k: adm[k]
+                    for k in (
+                        "severity",
+                        "cardiac",
+                        "pulmonary",
+                        "infection",
+                        "true_risk",
+                        "died",
+                        "age",
+                    )
+                }
+            )
             n_events = _plan_events(rng, plan, stay, adm, i, stride, n_events, window_h)
             plan.stays.append(stay)
         if died:
@@ -222,12 +242,20 @@ def _plan_events(rng, plan, stay, adm, i, stride, n_events, window_h) -> int:
         if n_events >= stride:  # id block of this patient is full (only for huge corpora)
             break
         base = {"cxr": 50_000_000, "ecg": 40_000_000, "rr": 0}[kind]
-        plan.events.append({
-            "kind": kind, "subject_id": stay["subject_id"], "hadm_id": stay["hadm_id"],
-            "stay_id": stay["stay_id"], "time": stay["intime"] + int(hours * HOUR),
-            "in_window": in_window, "study_id": base + i * stride + n_events if base else None,
-            "severity": sev, "pulmonary": adm["pulmonary"], "cardiac": adm["cardiac"],
-            "infection": adm["infection"],
-        })
+        plan.events.append(
+            {
+                "kind": kind,
+                "subject_id": stay["subject_id"],
+                "hadm_id": stay["hadm_id"],
+                "stay_id": stay["stay_id"],
+                "time": stay["intime"] + int(hours * HOUR),
+                "in_window": in_window,
+                "study_id": base + i * stride + n_events if base else None,
+                "severity": sev,
+                "pulmonary": adm["pulmonary"],
+                "cardiac": adm["cardiac"],
+                "infection": adm["infection"],
+            }
+        )
         n_events += 1
     return n_events

@@ -17,15 +17,53 @@ from clinical_moe.data.synthetic.plan import ShardPlan, plan_shard
 from clinical_moe.data.synthetic.timeutil import fmt_datetime
 
 STAY_COLUMNS = [
-    "subject_id", "hadm_id", "stay_id", "intime", "outtime", "los", "age", "severity", "cardiac",
-    "pulmonary", "infection", "true_risk", "label_mortality", "label_los3", "label_los7",
-    "in_root_cohort", "in_ihm48", "exclusion", "has_ehr", "has_cxr", "has_ecg", "has_notes",
-    "n_cxr", "n_ecg", "n_notes",
+    "subject_id",
+    "hadm_id",
+    "stay_id",
+    "intime",
+    "outtime",
+    "los",
+    "age",
+    "severity",
+    "cardiac",
+    "pulmonary",
+    "infection",
+    "true_risk",
+    "label_mortality",
+    "label_los3",
+    "label_los7",
+    "in_root_cohort",
+    "in_ihm48",
+    "exclusion",
+    "has_ehr",
+    "has_cxr",
+    "has_ecg",
+    "has_notes",
+    "n_cxr",
+    "n_ecg",
+    "n_notes",
 ]
 STUDY_COLUMNS = [
-    "modality", "study_id", "dicom_id", "note_id", "subject_id", "hadm_id", "stay_id", "time",
-    "in_window", "view", "bits_stored", "photometric", "has_window", "opacity", "effusion",
-    "devices", "st", "wide_qrs", "af", "hr",
+    "modality",
+    "study_id",
+    "dicom_id",
+    "note_id",
+    "subject_id",
+    "hadm_id",
+    "stay_id",
+    "time",
+    "in_window",
+    "view",
+    "bits_stored",
+    "photometric",
+    "has_window",
+    "opacity",
+    "effusion",
+    "devices",
+    "st",
+    "wide_qrs",
+    "af",
+    "hr",
 ]
 
 
@@ -42,22 +80,42 @@ def stays_truth(plan: ShardPlan) -> pd.DataFrame:
         child = s["age"] < 18
         transfer = s["first_careunit"] != s["last_careunit"]
         multi = s["n_icu_in_admission"] > 1
-        reasons = [r for r, on in (("child", child), ("transfer", transfer),
-                                   ("multiple_icu_stays", multi)) if on]
+        reasons = [
+            r
+            for r, on in (("child", child), ("transfer", transfer), ("multiple_icu_stays", multi))
+            if on
+        ]
         root = not reasons
         n = {k: counts.get((s["stay_id"], k), 0) for k in ("cxr", "ecg", "notes")}
-        rows.append({
-            "subject_id": s["subject_id"], "hadm_id": s["hadm_id"], "stay_id": s["stay_id"],
-            "intime": s["intime"], "outtime": s["outtime"], "los": s["los"], "age": s["age"],
-            "severity": s["severity"], "cardiac": s["cardiac"], "pulmonary": s["pulmonary"],
-            "infection": s["infection"], "true_risk": s["true_risk"],
-            "label_mortality": int(s["died"]), "label_los3": int(s["los"] > 3),
-            "label_los7": int(s["los"] > 7), "in_root_cohort": int(root),
-            "in_ihm48": int(root and s["los"] >= 2.0), "exclusion": ";".join(reasons) or None,
-            "has_ehr": 1, "has_cxr": int(n["cxr"] > 0), "has_ecg": int(n["ecg"] > 0),
-            "has_notes": int(n["notes"] > 0), "n_cxr": n["cxr"], "n_ecg": n["ecg"],
-            "n_notes": n["notes"],
-        })
+        rows.append(
+            {
+                "subject_id": s["subject_id"],
+                "hadm_id": s["hadm_id"],
+                "stay_id": s["stay_id"],
+                "intime": s["intime"],
+                "outtime": s["outtime"],
+                "los": s["los"],
+                "age": s["age"],
+                "severity": s["severity"],
+                "cardiac": s["cardiac"],
+                "pulmonary": s["pulmonary"],
+                "infection": s["infection"],
+                "true_risk": s["true_risk"],
+                "label_mortality": int(s["died"]),
+                "label_los3": int(s["los"] > 3),
+                "label_los7": int(s["los"] > 7),
+                "in_root_cohort": int(root),
+                "in_ihm48": int(root and s["los"] >= 2.0),
+                "exclusion": ";".join(reasons) or None,
+                "has_ehr": 1,
+                "has_cxr": int(n["cxr"] > 0),
+                "has_ecg": int(n["ecg"] > 0),
+                "has_notes": int(n["notes"] > 0),
+                "n_cxr": n["cxr"],
+                "n_ecg": n["ecg"],
+                "n_notes": n["notes"],
+            }
+        )
     df = pd.DataFrame(rows, columns=STAY_COLUMNS)
     df["intime"] = fmt_datetime(df["intime"].tolist())
     df["outtime"] = fmt_datetime(df["outtime"].tolist())
@@ -90,8 +148,9 @@ def sample_truth(n_patients: int, seed: int, **config) -> pd.DataFrame:
     """
     cfg = SynthConfig(n_patients=n_patients, seed=seed, **config)
     cfg.validate()
-    return pd.concat([stays_truth(plan_shard(cfg, k)) for k in range(cfg.n_shards())],
-                     ignore_index=True)
+    return pd.concat(
+        [stays_truth(plan_shard(cfg, k)) for k in range(cfg.n_shards())], ignore_index=True
+    )
 
 
 def oracle_auroc(stays: pd.DataFrame, cohort: str | None = "in_ihm48") -> float:

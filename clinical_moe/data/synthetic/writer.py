@@ -45,9 +45,21 @@ from clinical_moe.data.synthetic.truth import (
 
 PARTS_DIR = ".parts"
 SHARD_TABLES = [
-    "patients", "admissions", "icustays", "diagnoses_icd", "chartevents", "labevents",
-    "cxr_metadata", "cxr_chexpert", "cxr_records", "ecg_records", "ecg_measurements",
-    "radiology", "discharge", "truth_stays", "truth_studies",
+    "patients",
+    "admissions",
+    "icustays",
+    "diagnoses_icd",
+    "chartevents",
+    "labevents",
+    "cxr_metadata",
+    "cxr_chexpert",
+    "cxr_records",
+    "ecg_records",
+    "ecg_measurements",
+    "radiology",
+    "discharge",
+    "truth_stays",
+    "truth_studies",
 ]
 
 
@@ -113,8 +125,9 @@ def concat_parts(root: Path, name: str, n_shards: int, gzip_level: int) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "wb") as raw:
         if dest.suffix == ".gz":
-            out = gzip.GzipFile(filename=dest.name[:-3], mode="wb", compresslevel=gzip_level,
-                                fileobj=raw, mtime=0)
+            out = gzip.GzipFile(
+                filename=dest.name[:-3], mode="wb", compresslevel=gzip_level, fileobj=raw, mtime=0
+            )
         else:
             out = raw
         out.write(_header_line(table_columns(name)))
@@ -132,9 +145,12 @@ def write_static(root: Path, gzip_level: int) -> None:
     for name, df in (("d_items", d_items_table()), ("d_labitems", d_labitems_table())):
         dest = root / TABLE_PATHS[name]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest, "wb") as raw, gzip.GzipFile(filename=dest.name[:-3], mode="wb",
-                                                     compresslevel=gzip_level, fileobj=raw,
-                                                     mtime=0) as gz:
+        with (
+            open(dest, "wb") as raw,
+            gzip.GzipFile(
+                filename=dest.name[:-3], mode="wb", compresslevel=gzip_level, fileobj=raw, mtime=0
+            ) as gz,
+        ):
             gz.write(df.to_csv(index=False, lineterminator="\n").encode())
 
 
