@@ -410,6 +410,11 @@ def finish(report: dict, out: str | Path | None = None, quiet: bool = False) -> 
         report["machine_loaded"] = others >= 0.5
     else:
         report["machine_loaded"] = bool(start and start[0] > 0.5 * cores)
+    return emit(report, out, quiet)
+
+
+def emit(report: dict, out: str | Path | None = None, quiet: bool = False) -> dict:
+    """Print ``report`` as JSON (unless ``quiet``) and write it to ``out`` (parents created)."""
     text = json.dumps(report, indent=2, default=str)
     if not quiet:
         print(text)

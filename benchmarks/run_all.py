@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks import bench_moe, bench_pipeline, bench_quality, bench_train
-from benchmarks.common import environment, finish
+from benchmarks.common import emit, environment, finish
 
 BENCHES = {
     "moe": bench_moe,
@@ -183,11 +183,7 @@ def summarize_saved(specs: list[str], out: str | None) -> dict:
             "timestamp_utc": report.get("environment", {}).get("timestamp_utc"),
         }
         summary["results"][name] = summarize(name, report)
-    text = json.dumps(summary, indent=1, default=str)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
-    return summary
+    return emit(summary, out)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -124,21 +124,42 @@ OBSERVATION_TASKS = ("ihm48", "los3", "los7")
 
 
 def exclude_unobserved(
-    cohort: pd.DataFrame, observed_stay_ids: Iterable[int], prediction_hours: float = 48.0
+    cohort: pd.DataFrame,
+    observed_stay_ids: Iterable[int] | None,
+    prediction_hours: float = 48.0,
+    root: str | Path | None = None,
 ) -> pd.DataFrame:
     """Apply the ``no_observation_<h>h`` rule to a cohort built with ``check_observations=False``.
 
     The same stays go as with the rule inside :func:`build_cohort` (splits are per subject hash,
-    so the others keep theirs); the count is added to ``attrs["exclusions"]``.
+    so the others keep theirs); the count is added to ``attrs["exclusions"]``. None for
+    ``observed_stay_ids`` means no event table exists under ``root``: every stay stays, with a
+    warning.
     """
     ex = dict(cohort.attrs.get("exclusions", {}))
-    observed = pd.array(sorted(int(s) for s in observed_stay_ids), dtype="Int64")
-    out = _exclude(
-        cohort, ~cohort["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex
-    )
+    out = _drop_unobserved(cohort, observed_stay_ids, prediction_hours, ex, root)
     out = out.reset_index(drop=True)
     out.attrs = {**cohort.attrs, "exclusions": ex}
     return out
+
+
+def _drop_unobserved(
+    df: pd.DataFrame,
+    observed_stay_ids: Iterable[int] | None,
+    prediction_hours: float,
+    ex: dict[str, int],
+    root,
+) -> pd.DataFrame:
+    if observed_stay_ids is None:
+        msg = (
+            f"neither icu/chartevents nor hosp/labevents found under {root}: the "
+            "'at least one observation' rule was not applied"
+        )
+        warnings.warn(msg, stacklevel=3)
+        logger.warning(msg)
+        observed_stay_ids = df["stay_id"].astype("int64").tolist()
+    observed = pd.array(sorted(int(s) for s in observed_stay_ids), dtype="Int64")
+    return _exclude(df, ~df["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex)
 
 
 def _unobserved_rule(prediction_hours: float) -> str:
@@ -282,24 +303,14 @@ def build_cohort(
     if task in OBSERVATION_TASKS:
         df = _exclude(df, df["los_hours"] < prediction_hours, f"los_under_{hours}h", ex)
         if check_observations:
-            if observed_stay_ids is None:
-                if all(
-                    find_table(root, t, required=False) is None
-                    for t in ("icu/chartevents", "hosp/labevents")
-                ):
-                    msg = (
-                        f"neither icu/chartevents nor hosp/labevents found under {root}: the "
-                        "'at least one observation' rule was not applied"
-                    )
-                    warnings.warn(msg, stacklevel=2)
-                    logger.warning(msg)
-                    observed_stay_ids = df["stay_id"].astype("int64").tolist()
-                else:
-                    observed_stay_ids = observed_stays(
-                        root, df, prediction_hours, variables, chunksize=chunksize
-                    )
-            observed = pd.array(sorted(int(s) for s in observed_stay_ids), dtype="Int64")
-            df = _exclude(df, ~df["stay_id"].isin(observed), _unobserved_rule(prediction_hours), ex)
+            if observed_stay_ids is None and any(
+                find_table(root, t, required=False) is not None
+                for t in ("icu/chartevents", "hosp/labevents")
+            ):
+                observed_stay_ids = observed_stays(
+                    root, df, prediction_hours, variables, chunksize=chunksize
+                )
+            df = _drop_unobserved(df, observed_stay_ids, prediction_hours, ex, root)
         if task != "ihm48":
             days = 3 if task == "los3" else 7
             df[task] = (df["los_hours"] > 24.0 * days).astype("int64")

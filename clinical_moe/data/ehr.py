@@ -302,10 +302,14 @@ def to_arrays(
         if unknown:
             raise ValueError(f"events name variables {unknown} not in {list(variables)}")
         idx = stay_events["variable"].map(lookup).to_numpy(dtype="int64")
-    if idx.size and (idx.min() < 0 or idx.max() >= n_vars):
-        raise ValueError(f"var_idx out of range for {n_vars} variables")
+    _check_var_idx(idx, n_vars)
     hours = stay_events["hours"].to_numpy(dtype="float64")
     return _dense(hours, idx, stay_events["value"].to_numpy(dtype="float32"), n_vars)
+
+
+def _check_var_idx(idx: np.ndarray, n_vars: int) -> None:
+    if idx.size and (idx.min() < 0 or idx.max() >= n_vars):
+        raise ValueError(f"var_idx out of range for {n_vars} variables")
 
 
 def _dense(
@@ -333,8 +337,7 @@ def time_series(ehr: EhrEvents, stay_ids: Iterable[int] | None = None) -> dict[i
     hours = ev["hours"].to_numpy(dtype="float64")
     idx = ev["var_idx"].to_numpy(dtype="int64")
     value = ev["value"].to_numpy(dtype="float32")
-    if idx.size and (idx.min() < 0 or idx.max() >= n_vars):
-        raise ValueError(f"var_idx out of range for {n_vars} variables")
+    _check_var_idx(idx, n_vars)
     starts = np.flatnonzero(np.r_[True, np.diff(sids) != 0]) if len(ev) else []
     bounds = list(zip(starts, [*list(starts)[1:], len(ev)]))
     out = {}

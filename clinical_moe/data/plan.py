@@ -107,15 +107,9 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
             mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours
         )
     if one_pass:
-        if len(events.missing_sources) == len(SOURCES):
-            msg = (
-                f"neither icu/chartevents nor hosp/labevents found under {mimic_iv}: the "
-                "'at least one observation' rule was not applied"
-            )
-            warnings.warn(msg, stacklevel=2)
-            logger.warning(msg)
-        else:
-            cohort = exclude_unobserved(cohort, events.window_stays, d.window_hours)
+        no_tables = len(events.missing_sources) == len(SOURCES)
+        observed = None if no_tables else events.window_stays
+        cohort = exclude_unobserved(cohort, observed, d.window_hours, root=mimic_iv)
     cohort = cohort.sort_values("stay_id", kind="stable").reset_index(drop=True)
     label_columns = list(cohort.attrs.get("label_columns", ["label"]))
     plan = StayPlan(cohort, label_columns)
