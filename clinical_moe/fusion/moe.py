@@ -6,9 +6,17 @@ or samples (no noise, no capacity dropping).
 
 - Router scores ``s_e(x)``: softmax gate ``x . w_e``; Laplace gate ``-||x - w_e||_2``; Gaussian
   gate ``-||x - w_e||_2^2`` (FuseMoE, Han et al. 2024). Training only, noisy top-k
-  (Shazeer et al. 2017): ``s_e + eps * softplus(x . v_e)``, ``eps ~ N(0, 1)``.
+  (Shazeer et al. 2017): ``s_e + eps * sigma_e(x)``, ``eps ~ N(0, 1)``.
+- Noise scale (ours): Shazeer's ``sigma_e = softplus(x . v_e)`` starts at ``softplus(0) = 0.69``
+  whatever the scale of the scores, which at initialisation (score std ~0.02) makes routing in
+  training almost random and different from the clean routing used at evaluation. We scale it to
+  the token's own score spread: ``sigma_e = noise_scale * sd_e(s(x)) * softplus(x . v_e) /
+  softplus(0)`` (the spread detached, ``v`` starting at 0 and still learned through the smooth
+  load estimator), so noise explores near the decision boundary only. The fraction of tokens whose
+  noisy top-k equals the clean top-k is reported as ``topk_agreement``.
 - Gates: softmax over the k selected scores; ``y = sum_{e in topk} g_e E_e(x)``; the caller adds the
-  residual.
+  residual. A forced expert (Flex-MoE's hard specialisation) takes the top-1 slot: it is selected
+  first and gated with at least the best score of the token.
 - Aux losses over real tokens only: Switch load balance ``E * sum_e f_e P_e`` (Fedus et al. 2022);
   ``CV^2(importance) + CV^2(load)`` (Shazeer et al. 2017; smooth load estimator while noisy); the
   entropy regulariser ``mean_i H(p_i) - H(mean_i p_i)`` (FuseMoE eq. 3); router z-loss
@@ -38,14 +46,25 @@ class Router(nn.Module):
         num_experts: Experts E.
         gate: ``"softmax"`` (dot product), ``"laplace"`` (negative L2 distance) or ``"gaussian"``
             (negative squared L2 distance) between the token and a learned per-expert vector.
-        noisy: Add ``eps * softplus(x . v_e)`` to the scores in training mode.
+        noisy: Add ``eps * sigma_e(x)`` to the scores in training mode (module docstring).
+        noise_scale: Noise std relative to the spread of the token's clean scores over experts.
     """
 
-    def __init__(self, d_model: int, num_experts: int, gate: str = "softmax", noisy: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        gate: str = "softmax",
+        noisy: bool = True,
+        noise_scale: float = 0.25,
+    ):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
         self.gate, self.noisy, self.num_experts = gate, noisy, num_experts
+        self.noise_scale = float(noise_scale)
         std = 0.02 if gate == "softmax" else 1.0 / math.sqrt(d_model)
         self.weight = nn.Parameter(torch.randn(num_experts, d_model) * std)  # (E, D)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noisy else None
@@ -65,9 +84,11 @@ class Router(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``x (N, D)`` -> (selection scores, clean scores, noise std or None), each ``(N, E)``."""
         clean = self.clean_scores(x)
-        if not (self.training and self.noisy):
+        if not (self.training and self.noisy) or clean.shape[0] == 0:
             return clean, clean, None
-        std = F.softplus(x @ self.noise_weight.t())  # (N, E)
+        spread = clean.detach().std(-1, keepdim=True, unbiased=False)  # (N, 1)
+        rel = F.softplus(x @ self.noise_weight.t()) / math.log(2.0)  # (N, E), 1 at v = 0
+        std = (self.noise_scale * spread * rel).clamp_min(1e-6)  # (N, E)
         return clean + torch.randn_like(clean) * std, clean, std
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,15 +202,31 @@ def topk_gates(scores: Tensor, k: int, forced: Tensor | None = None) -> tuple[Te
     Args:
         scores: Selection scores.
         k: Experts per token.
-        forced: Optional ``(N,)`` long; where ``>= 0`` that expert is guaranteed a slot (it replaces
-            the k-th choice when not already selected). Used by Flex-MoE's hard specialisation.
+        forced: Optional ``(N,)`` long; where ``>= 0`` that expert takes the top-1 slot: it is
+            selected first, gated with ``max(its score, the token's best score)``, and the other
+            ``k - 1`` slots go to the best remaining experts (Flex-MoE's hard specialisation).
     """
     idx = scores.topk(k, dim=-1).indices  # (N, k)
-    if forced is not None:
-        f = forced.unsqueeze(1)  # (N, 1)
-        missing = (f >= 0) & ~(idx == f).any(1, keepdim=True)  # (N, 1)
-        idx = torch.cat([idx[:, :-1], torch.where(missing, f, idx[:, -1:])], 1)  # (N, k)
-    return torch.softmax(scores.gather(1, idx), dim=-1), idx
+    if forced is None:
+        return torch.softmax(scores.gather(1, idx), dim=-1), idx
+    has = forced >= 0  # (N,)
+    f = forced.clamp_min(0).unsqueeze(1)  # (N, 1)
+    onehot = torch.zeros_like(scores, dtype=torch.bool).scatter(1, f, True)  # (N, E)
+    rest = scores.masked_fill(onehot, float("-inf")).topk(k - 1, dim=-1).indices  # (N, k-1)
+    idx = torch.where(has.unsqueeze(1), torch.cat([f, rest], 1), idx)  # (N, k)
+    sel = scores.gather(1, idx)  # (N, k)
+    first = torch.where(has, torch.maximum(sel[:, 0], scores.max(-1).values), sel[:, 0])  # (N,)
+    sel = torch.cat([first.unsqueeze(1), sel[:, 1:]], 1)  # (N, k)
+    return torch.softmax(sel, dim=-1), idx
+
+
+def topk_agreement(noisy: Tensor, clean: Tensor, k: int) -> Tensor:
+    """Fraction of tokens whose top-k expert set under ``noisy`` equals the one under ``clean``."""
+    if noisy is clean or noisy.shape[0] == 0:
+        return clean.new_ones(())
+    a = noisy.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
+    b = clean.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
+    return (a == b).all(-1).float().mean()
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -252,7 +289,9 @@ class MoEOutput:
         aux_loss: Scalar, weighted sum of the configured aux losses (in the graph).
         probs: ``(B, T, E)`` router softmax of the clean scores, zeros at masked tokens; detached.
         topk_idx: ``(B, T, k)`` selected experts (local to the token's pool), -1 at masked tokens.
-        extras: Unweighted detached loss parts: ``load_balance``, ``cv2``, ``entropy``, ``z_loss``.
+        extras: Unweighted detached loss parts (``load_balance``, ``cv2``, ``entropy``,
+            ``z_loss``) and ``topk_agreement``: the fraction of tokens whose noisy top-k equals
+            the clean one (1 in eval mode or without noise).
         scores: ``(B, T, E)`` clean router scores (logits), zeros at masked tokens; in the graph.
         weights: ``(B, T, k)`` gate weights of the selected experts, zeros at masked; in the graph.
     """
@@ -279,6 +318,7 @@ class MoELayer(nn.Module):
             modality, shared experts) or ``"disjoint"`` (a router and an expert pool per modality).
         modalities: Modality names (routers / pools for the non-joint modes).
         noisy: Noisy top-k in training.
+        noise_scale: Router noise std relative to each token's score spread (see module docstring).
         dropout: Dropout inside the experts.
         load_balance: Weight of the Switch load-balance loss.
         cv2: Weight of ``CV^2(importance) + CV^2(load)``.
@@ -296,6 +336,7 @@ class MoELayer(nn.Module):
         routing: str = "joint",
         modalities: Sequence[str] = (),
         noisy: bool = True,
+        noise_scale: float = 0.25,
         dropout: float = 0.0,
         load_balance: float = 0.0,
         cv2: float = 0.0,
@@ -319,7 +360,7 @@ class MoELayer(nn.Module):
         self.num_routers = 1 if routing == "joint" else len(self.modalities)
         pools = len(self.modalities) if routing == "disjoint" else 1
         self.routers = nn.ModuleList(
-            Router(d_model, num_experts, gate, noisy) for _ in range(self.num_routers)
+            Router(d_model, num_experts, gate, noisy, noise_scale) for _ in range(self.num_routers)
         )
         self.experts = Experts(num_experts * pools, d_model, hidden or 2 * d_model, dropout)
         self.aux_weights = dict(zip(AUX_LOSSES, (load_balance, cv2, entropy, z_loss)))
@@ -329,7 +370,7 @@ class MoELayer(nn.Module):
         N, E, k = xt.shape[0], self.num_experts, self.top_k
         clean_all, w_all = xt.new_zeros(N, E), xt.new_zeros(N, k)  # filled router by router
         idx_all = torch.zeros(N, k, dtype=torch.long, device=xt.device)
-        parts: dict[str, list[Tensor]] = {name: [] for name in AUX_LOSSES}
+        parts: dict[str, list[Tensor]] = {name: [] for name in (*AUX_LOSSES, "topk_agreement")}
         for r in range(self.num_routers):
             sel = None if mid is None else (mid == r).nonzero().squeeze(1)  # (N_r,)
             if N == 0 or (sel is not None and sel.numel() == 0):
@@ -340,6 +381,7 @@ class MoELayer(nn.Module):
             w, idx = topk_gates(noisy, k, fg)
             for name, val in router_losses(clean, noisy, std, w, idx).items():
                 parts[name].append(val)
+            parts["topk_agreement"].append(topk_agreement(noisy.detach(), clean.detach(), k))
             if self.routing == "disjoint":
                 idx = idx + r * E  # global index into the stacked pools
             if sel is None:
@@ -400,6 +442,8 @@ class MoELayer(nn.Module):
             extras[name] = val.detach()
             if self.aux_weights[name]:
                 aux = aux + self.aux_weights[name] * val
+        agree = parts["topk_agreement"]
+        extras["topk_agreement"] = torch.stack(agree).mean() if agree else x.new_ones(())
 
         local_idx = idx_all % self.num_experts if self.routing == "disjoint" else idx_all
         scores = spread(clean_all)  # (B, T, E)

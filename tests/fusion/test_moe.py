@@ -16,6 +16,7 @@ from clinical_moe.fusion.moe import (
     cv_squared,
     entropy_reg,
     router_losses,
+    topk_agreement,
     topk_gates,
 )
 
@@ -91,13 +92,23 @@ def test_topk_weights_are_softmax_over_selected_scores():
     w, idx = topk_gates(s, 3)
     assert torch.equal(idx, s.topk(3, -1).indices)
     torch.testing.assert_close(w, torch.softmax(s.gather(1, idx), -1))
+
+
+def test_forced_expert_takes_the_top1_slot():
+    s = _x(6, 8)
     forced = torch.tensor([-1, 0, 1, 2, 3, 4])
-    w, idx = topk_gates(s, 2, forced)
-    for n, f in enumerate(forced.tolist()):
-        if f >= 0:
-            assert f in idx[n].tolist()
-        assert len(set(idx[n].tolist())) == 2
-    torch.testing.assert_close(w, torch.softmax(s.gather(1, idx), -1))
+    w, idx = topk_gates(s, 3, forced)
+    plain_w, plain_idx = topk_gates(s, 3)
+    assert torch.equal(idx[0], plain_idx[0]) and torch.equal(w[0], plain_w[0])  # not forced
+    for n, f in enumerate(forced.tolist()[1:], start=1):
+        assert idx[n, 0] == f  # first slot
+        others = s[n].clone()
+        others[f] = float("-inf")
+        assert set(idx[n, 1:].tolist()) == set(others.topk(2).indices.tolist())
+        assert w[n, 0] >= w[n, 1:].max() - 1e-6  # the largest gate weight
+        best = torch.maximum(s[n, f], s[n].max())
+        expect = torch.softmax(torch.stack([best, *s[n, idx[n, 1:]]]), 0)
+        torch.testing.assert_close(w[n], expect)
 
 
 def _layer(**kw):
@@ -253,3 +264,26 @@ def test_modality_ids_out_of_range_rejected():
     layer = _layer(routing="per_modality", modalities=("a", "b"))
     with pytest.raises(ValueError, match="modality_ids"):
         layer(_x(1, 3, D), torch.ones(1, 3, dtype=torch.bool), torch.tensor([[0, 1, 2]]))
+
+
+def test_router_noise_scales_with_the_score_spread_and_agreement_is_reported():
+    """Noise relative to the score spread: the same top-k agreement whatever the score scale."""
+    x = _x(4000, 16)
+    agreements = []
+    for scale in (0.02, 1.0, 50.0):
+        r = Router(16, 8, "softmax", noisy=True).train()
+        with torch.no_grad():
+            r.weight.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)) * scale)
+        torch.manual_seed(0)
+        noisy, clean, std = r.route(x)
+        agreements.append(topk_agreement(noisy, clean, 2).item())
+    assert max(agreements) - min(agreements) < 0.05, agreements
+    assert 0.3 < agreements[0] < 0.95, agreements  # exploration, but mostly the clean routing
+    layer = _layer(noisy=True).train()
+    x, keep = _x(10, 40, D), torch.ones(10, 40, dtype=torch.bool)
+    assert 0.2 < layer(x, keep).extras["topk_agreement"].item() < 1.0  # 400 noisy tokens
+    assert layer.eval()(x, keep).extras["topk_agreement"] == 1.0
+    loud = Router(16, 8, "softmax", noisy=True, noise_scale=5.0).train()
+    torch.manual_seed(0)
+    n, c, _ = loud.route(x)
+    assert topk_agreement(n, c, 2).item() < agreements[0]  # more noise, less agreement
