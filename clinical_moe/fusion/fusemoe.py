@@ -6,8 +6,14 @@ The encoders already turn each modality into T tokens (mTAND for irregular serie
 - Token-type embedding per modality; a missing modality is replaced by a learned missing-modality
   embedding of T tokens (paper; the public code fills zeros, we follow the paper).
 - L MoE fusion layers (paper: 3). Each layer: per-modality self-attention (pre-LN, residual,
-  within each modality's tokens, key padding mask), then the sparse MoE over the tokens of all
-  modalities (where modalities meet), residual, then a per-modality FFN (pre-LN, residual).
+  within each modality's tokens, key padding mask), then cross-modal attention (pre-LN, residual:
+  each modality's tokens attend to the real tokens of the *other* modalities, as the reference
+  architecture's cross-modal attention over the time-aligned encoders' outputs does before its
+  MoE), then the sparse MoE over the tokens of all modalities, residual, then a per-modality FFN
+  (pre-LN, residual). Without the cross-modal step no layer exchanges information between
+  modalities (attention, token-wise experts and FFNs are all within-modality), so the experts
+  would only see one modality at a time and fusion would happen in the readout alone.
+  ``cross_modal="none"`` restores that ablation.
 - Router scores: softmax gate ``x . w_e``; Laplace gate ``-||x - w_e||_2`` (the paper's proposed
   gate and its best, default); Gaussian gate ``-||x - w_e||_2^2``. Per-modality routers with
   shared experts by default (the paper's best router design). Noisy top-k in training only.
@@ -100,11 +106,61 @@ class PerModalityFFN(nn.Module):
         return torch.einsum("bmth,mhd->bmtd", h, self.w2) + self.b2  # (B, M, T, D)
 
 
-class FuseMoELayer(nn.Module):
-    """One fusion layer: per-modality attention -> MoE over all tokens -> per-modality FFN."""
+class CrossModalAttention(nn.Module):
+    """Each modality's tokens attend to the real tokens of the other modalities.
 
-    def __init__(self, M: int, d_model: int, num_heads: int, ffn_hidden: int, dropout: float, moe):
+    Queries of modality m see keys of modalities m' != m only (key padding masked). A query with
+    no such key (a single-modality model, or every other modality padded) gets a zero update.
+
+    Args:
+        d_model: Width D.
+        num_heads: Attention heads (must divide D).
+        dropout: Attention-probability dropout (training only).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
         super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        self.h, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x (B, M, T, D)``, ``mask (B, M, T)`` -> ``(B, M, T, D)`` update."""
+        B, M, T, D = x.shape
+        mod = torch.arange(M, device=x.device).repeat_interleave(T)  # (M*T,)
+        other = mod[:, None] != mod[None, :]  # (MT, MT): query modality != key modality
+        allowed = other.unsqueeze(0) & mask.reshape(B, 1, M * T)  # (B, MT, MT)
+        has_key = allowed.any(-1)  # (B, MT)
+        allowed = allowed | ~has_key.unsqueeze(-1)  # keep SDPA finite; those rows are zeroed
+        qkv = self.qkv(x.reshape(B, M * T, D))  # (B, MT, 3D)
+        qkv = qkv.view(B, M * T, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # (3, B, h, MT, dh)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=allowed.unsqueeze(1), dropout_p=p
+        )  # (B, h, MT, dh)
+        out = self.out(out.transpose(1, 2).reshape(B, M * T, D))  # (B, MT, D)
+        out = out * has_key.unsqueeze(-1)  # (B, MT, D)
+        return out.view(B, M, T, D)
+
+
+class FuseMoELayer(nn.Module):
+    """One layer: per-modality attention -> cross-modal attention -> MoE -> per-modality FFN."""
+
+    def __init__(
+        self,
+        M: int,
+        d_model: int,
+        num_heads: int,
+        ffn_hidden: int,
+        dropout: float,
+        moe,
+        cross_modal: bool = True,
+    ):
+        super().__init__()
+        self.cross = CrossModalAttention(d_model, num_heads, dropout) if cross_modal else None
+        self.ln_cross = PerModalityLayerNorm(M, d_model) if cross_modal else None
         self.ln_attn, self.ln_moe = (
             PerModalityLayerNorm(M, d_model),
             PerModalityLayerNorm(M, d_model),
@@ -118,6 +174,8 @@ class FuseMoELayer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, modality_ids: Tensor):
         B, M, T, D = x.shape
         x = x + self.drop(self.attn(self.ln_attn(x), mask))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.ln_cross(x), mask))  # modalities exchange here
         flat = self.ln_moe(x).reshape(B, M * T, D)  # (B, M*T, D): all modalities meet here
         out = self.moe(flat, mask.reshape(B, M * T), modality_ids)
         x = x + self.drop(out.y.view(B, M, T, D))  # (B, M, T, D)
@@ -139,6 +197,9 @@ class FuseMoE(FusionHead):
         gate: Router gate ``"laplace"`` (paper's best) | ``"softmax"`` | ``"gaussian"``.
         routing: ``"per_modality"`` (paper's best) | ``"joint"`` | ``"disjoint"``.
         noisy: Noisy top-k routing in training.
+        noise_scale: Router noise std relative to each token's score spread (fusion/moe.py).
+        cross_modal: ``"attention"`` (default; cross-modal attention before each MoE layer) or
+            ``"none"`` (ablation: modalities meet only in the readout).
         dropout: Dropout (paper 0.1).
         entropy: lambda, weight of the entropy regulariser (eq. 3); 0.01 is our default.
         load_balance: Weight of the Switch load-balance loss (off in the paper).
@@ -163,6 +224,8 @@ class FuseMoE(FusionHead):
         gate: str = "laplace",
         routing: str = "per_modality",
         noisy: bool = True,
+        noise_scale: float = 0.25,
+        cross_modal: str = "attention",
         dropout: float = 0.1,
         entropy: float = 0.01,
         load_balance: float = 0.0,
@@ -174,6 +237,8 @@ class FuseMoE(FusionHead):
         super().__init__(modalities, d_model, num_classes, num_tokens)
         if readout not in ("mean", "last"):
             raise ValueError(f"readout must be 'mean' or 'last', got {readout!r}")
+        if cross_modal not in ("attention", "none"):
+            raise ValueError(f"cross_modal must be 'attention' or 'none', got {cross_modal!r}")
         M, D = len(self.modalities), d_model
         self.readout, self.num_layers = readout, num_layers
         self.token_counts = [int(self.num_tokens.get(m, 1)) for m in self.modalities]
@@ -185,9 +250,11 @@ class FuseMoE(FusionHead):
                 M, D, num_heads, ffn_mult * D, dropout,
                 MoELayer(
                     D, num_experts, top_k, expert_hidden or 2 * D, gate=gate, routing=routing,
-                    modalities=self.modalities, noisy=noisy, dropout=dropout,
-                    load_balance=load_balance, cv2=cv2, entropy=entropy, z_loss=z_loss,
+                    modalities=self.modalities, noisy=noisy, noise_scale=noise_scale,
+                    dropout=dropout, load_balance=load_balance, cv2=cv2, entropy=entropy,
+                    z_loss=z_loss,
                 ),
+                cross_modal=cross_modal == "attention",
             )
             for _ in range(num_layers)
         )  # fmt: skip
@@ -245,7 +312,10 @@ class FuseMoE(FusionHead):
             gates[f"layer{i}/router_probs"] = out.probs[:, slots]  # (B, T_total, E)
             gates[f"layer{i}/topk"] = out.topk_idx[:, slots]  # (B, T_total, k)
             for k, v in out.extras.items():
-                extras[k] = extras.get(k, 0.0) + v / self.num_layers
+                if k == "topk_agreement":  # per layer: is training routing the eval routing?
+                    extras[f"layer{i}/topk_agreement"] = v
+                else:
+                    extras[k] = extras.get(k, 0.0) + v / self.num_layers
         gates["token_modality"] = mod[slots]  # (T_total,)
         x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # padded slots can hold anything: drop them
         h = self.norm(x)  # (B, M, T, D)

@@ -161,3 +161,46 @@ def test_padding_equals_truncation():
     with torch.no_grad():
         head.missing_embed.data = torch.cat([head.missing_embed, torch.zeros(3, 2, D)], 1)
     torch.testing.assert_close(head(padded, present).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def _hidden_states(head: FuseMoE, tokens, present) -> torch.Tensor:
+    """``(B, M, T, D)`` input of the readout norm: each modality's state after fusion."""
+    seen = {}
+    handle = head.norm.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        head(tokens, present)
+    handle.remove()
+    return seen["x"]
+
+
+@pytest.mark.parametrize("cross_modal", ["attention", "none"])
+def test_modalities_exchange_information_before_the_readout(cross_modal):
+    """Noise in modality a's tokens reaches modality b's hidden states only with cross-modal mixing."""
+    head = _head(cross_modal=cross_modal).eval()
+    present = torch.ones(4, len(MODS), dtype=torch.bool)
+    tokens = _tokens(present, pad=False)
+    noised = dict(tokens)
+    a = tokens["a"]
+    noised["a"] = ModalityTokens(torch.randn_like(a.tokens) * 3, a.mask)
+    before, after = _hidden_states(head, tokens, present), _hidden_states(head, noised, present)
+    b_change = (after[:, 1] - before[:, 1]).abs().max().item()
+    assert (after[:, 0] - before[:, 0]).abs().max() > 1e-3  # a itself changed
+    if cross_modal == "attention":
+        assert b_change > 1e-3, "b's states did not see a's content"
+    else:
+        assert b_change < 1e-6, "without cross-modal attention b must not see a"
+
+
+def test_cross_modal_attention_ignores_absent_modalities_and_works_alone():
+    head = _head().eval()
+    present = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    tokens = _tokens(present, pad=True)
+    b = tokens["b"]
+    noised = dict(tokens, b=ModalityTokens(torch.randn_like(b.tokens) * 5, b.mask))
+    with torch.no_grad():
+        x0 = head(tokens, present).logits[0]
+        x1 = head(noised, present).logits[0]
+    torch.testing.assert_close(x0, x1)  # row 0 lacks b: its noise is invisible
+    single = FuseMoE(("a",), D, 1, {"a": T}, num_experts=4, top_k=2, num_heads=2).eval()
+    out = single({"a": tokens["a"]}, torch.ones(2, 1, dtype=torch.bool))
+    assert torch.isfinite(out.logits).all()  # no other modality: a zero cross-modal update
