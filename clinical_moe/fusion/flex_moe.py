@@ -19,9 +19,10 @@ the encoders emit:
   their tokens. S-router (Fig. 3d, samples with a missing modality): ``L_S = CE(s(x), e_c)``, the
   cross entropy of the router logits against the designated expert, plus ``CV^2`` balance over
   the other experts within each combination. One router serves both groups; they differ in loss.
-  ``specialization="hard"`` also forces ``e_c`` into the top-k of every token of such a sample
-  (the paper fixes it as the top-1 gate; the selected set is the same: ``e_c`` plus the best k-1
-  others); ``"soft"`` applies the loss only (public code).
+  ``specialization="hard"`` gives ``e_c`` the top-1 slot of every token of such a sample, as the
+  paper describes: it is selected first and gated with at least the token's best router score
+  (so its weight is never below another selected expert's), the other k-1 slots go to the best
+  remaining experts; ``"soft"`` applies the loss only (public code).
 - Loss: task loss + ``gate_loss * mean over sparse layers (L_G + L_S)`` (paper gate-loss weight
   0.01). Load counts are not differentiable; importance and the cross entropy carry the gradient.
 - Readout: mean over each modality's tokens, concatenated, LayerNorm'd, linear -> C.
@@ -101,11 +102,13 @@ class FlexMoE(FusionHead):
         num_heads: Attention heads (paper 4).
         expert_hidden: Hidden width of each expert (default ``2 * d_model``).
         ffn_mult: Dense FFN width as a multiple of D.
-        specialization: ``"soft"`` (loss only) or ``"hard"`` (designated expert forced into top-k).
+        specialization: ``"soft"`` (loss only) or ``"hard"`` (the designated expert takes the
+            top-1 slot of every token of a sample with missing modalities, as the paper describes).
         gate_loss: Weight of the router losses ``L_G + L_S`` (paper 0.01).
         bank: ``"full"`` | ``"factorized"`` | None (full when M <= 6, else factorized).
         gate: Router gate (paper: ``"softmax"``).
         noisy: Noisy top-k in training.
+        noise_scale: Router noise std relative to each token's score spread (fusion/moe.py).
         dropout: Dropout.
         allow_shared_experts: Permit ``num_experts < 2^M - 1``.
     """
@@ -127,6 +130,7 @@ class FlexMoE(FusionHead):
         bank: str | None = None,
         gate: str = "softmax",
         noisy: bool = True,
+        noise_scale: float = 0.25,
         dropout: float = 0.1,
         allow_shared_experts: bool = False,
     ):
@@ -164,7 +168,7 @@ class FlexMoE(FusionHead):
         )
         self.ffn = nn.ModuleList(
             MoELayer(D, num_experts, top_k, expert_hidden or 2 * D, gate=gate, noisy=noisy,
-                     dropout=dropout)
+                     noise_scale=noise_scale, dropout=dropout)
             if i % 2 == 0
             else nn.Sequential(nn.Linear(D, ffn_mult * D), nn.GELU(), nn.Dropout(dropout),
                                nn.Linear(ffn_mult * D, D))
@@ -264,6 +268,7 @@ class FlexMoE(FusionHead):
             forced = fc[:, None].expand(B, M * P)  # (B, M*P)
         parts: dict[str, list[Tensor]] = {}
         gates: dict[str, Tensor] = {"combination_id": c}
+        agreement: dict[str, Tensor] = {}
         for i, (ln1, attn, ln2, ffn) in enumerate(zip(self.ln1, self.attn, self.ln2, self.ffn)):
             q = ln1(h)
             h = h + self.drop(attn(q, q, q, key_padding_mask=~keep, need_weights=False)[0])
@@ -274,6 +279,7 @@ class FlexMoE(FusionHead):
                     parts.setdefault(name, []).append(val)
                 gates[f"layer{i}/router_probs"] = out.probs  # (B, M*P, E)
                 gates[f"layer{i}/topk"] = out.topk_idx  # (B, M*P, k)
+                agreement[f"layer{i}/topk_agreement"] = out.extras["topk_agreement"]
             else:
                 h = h + self.drop(ffn(ln2(h)))
         gates["token_modality"] = torch.arange(M, device=h.device).repeat_interleave(P)  # (M*P,)
@@ -283,5 +289,8 @@ class FlexMoE(FusionHead):
         losses = {k: torch.stack(v).mean() for k, v in parts.items()}
         aux = sum(losses.values(), h.new_zeros(())) * self.gate_loss
         return FusionOutput(
-            logits, aux, gates=gates, extras={k: v.detach() for k, v in losses.items()}
+            logits,
+            aux,
+            gates=gates,
+            extras={**{k: v.detach() for k, v in losses.items()}, **agreement},
         )
