@@ -72,7 +72,11 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     patience: int = 5  # early stopping on validation AUROC
-    modality_dropout: float = 0.0  # train-time augmentation: drop each present modality w.p. p
+    # Train-time modality dropout, on by default for every head (baselines too, so comparisons
+    # stay fair): each present modality, EHR included, is dropped w.p. p, at least one kept --
+    # drawn like evaluation's MCAR masks -- so the "modality absent" paths (missing embeddings,
+    # Flex-MoE bank rows without EHR, ...) are trained. 0 trains on natural missingness only.
+    modality_dropout: float = 0.3
     sampler: str = "random"  # random | by_modality_count (Flex-MoE warm-up ordering)
     warmup_epochs: int = (
         0  # epochs ordered by number of observed modalities (sampler=by_modality_count)
@@ -88,6 +92,25 @@ class TrainConfig:
     num_threads: int | None = (
         None  # torch intra-op CPU threads; None = torch's default (1 helps on busy machines)
     )
+    # Weight of each encoder's auxiliary loss on its modality-native per-event targets (CheXpert
+    # findings per image, machine ECG statements per recording), added to the task loss. On by
+    # default: the task label alone is too weak a teacher for image / waveform encoders. Applies
+    # only where the cache has targets for the modality and its encoder trains; 0 turns it off.
+    encoder_aux: dict[str, float] = field(default_factory=lambda: {"cxr": 1.0, "ecg": 1.0})
+
+
+@dataclass
+class PretrainConfig:
+    """``clinical-moe pretrain``: each encoder alone on its modality's own per-event targets."""
+
+    modalities: list[str] = field(default_factory=lambda: ["cxr", "ecg"])  # encoders to pretrain
+    out_dir: str = "runs/pretrained"  # writes <out_dir>/<modality>.pt (+ .json)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 1e-2
+    patience: int = 3  # early stopping on the val mean AUROC of the binary targets (else loss)
+    max_steps_per_epoch: int | None = None  # cap for smoke runs
 
 
 @dataclass
@@ -150,6 +173,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -326,8 +350,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device: {cfg.train.device!r} is not cpu, cuda or cuda:N")
     if not 0.0 <= cfg.train.modality_dropout < 1.0:
         raise ConfigError("train.modality_dropout: must be in [0, 1)")
+    _validate_encoder_aux(cfg)
     if abs(sum(cfg.data.split_fractions) - 1.0) > 1e-6 or len(cfg.data.split_fractions) != 3:
         raise ConfigError("data.split_fractions: three fractions (train, val, test) summing to 1")
+
+
+def _validate_encoder_aux(cfg: Config) -> None:
+    """``train.encoder_aux`` weights are numbers >= 0 keyed by modality names."""
+    from clinical_moe.types import DEFAULT_MODALITIES
+
+    known = list(dict.fromkeys([*cfg.data.modalities, *DEFAULT_MODALITIES]))
+    for key, w in cfg.train.encoder_aux.items():
+        if key not in known:
+            raise ConfigError(f"train.encoder_aux: unknown modality {key!r}{closest(key, known)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"train.encoder_aux.{key}: must be a number >= 0, got {w!r}")
+    p = cfg.pretrain
+    if p.epochs < 1 or p.batch_size < 1 or p.patience < 1:
+        raise ConfigError("pretrain.epochs, pretrain.batch_size and pretrain.patience must be >= 1")
 
 
 def to_dict(cfg: Config) -> dict:
