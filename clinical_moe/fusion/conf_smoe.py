@@ -22,12 +22,14 @@ Pipeline (per sample; B batch, T = sum of the modalities' token counts, E expert
 
    The confidence target is the true-class probability (TCP) of an auxiliary classifier ``W_p`` on
    the expert output, ``t_i = softmax(W_p E_i(h))[y]``; binary / multilabel use ``p`` if ``y = 1``
-   else ``1 - p``, averaged over labels. The label of a token is its sample's label (every token,
-   imputed ones included).
+   else ``1 - p``, averaged over labels. The label of a token is its sample's label.
    ``L_conf = MSE(c_i, stopgrad(t_i))``. No load-balance loss.
 4. Post-imputation (stage 2, after the MoE of each layer in ``impute_layers``): imputed tokens
    attend (queries) to the MoE outputs of the sample's real tokens (keys / values; imputed tokens
    are never keys; optional ``topk_keys`` sparsity), residual + LN; only imputed rows change.
+   It runs only on the samples that have an imputed token, and not at all when no token of the
+   batch is imputed (identical results: non-imputed queries are discarded anyway; the skipped
+   parameters get their exact, zero, gradient through a zero-valued term).
 5. Readout: LN, mean over all tokens (imputed included), linear -> C.
 
 Where we deliberately differ from the released code (METHODS.md, "ConfSMoE"):
@@ -42,6 +44,27 @@ Where we deliberately differ from the released code (METHODS.md, "ConfSMoE"):
   released behaviour for ablation: the router then gets no gradient, knowingly breaking
   invariant 4 (every parameter learns).
 - ConfNet's LayerNorm has no affine parameters (they would be redundant with ``a_i``, ``b_i``).
+- Imputed tokens (absent modalities, padding) are left out of ``L_conf``, the classifier loss and
+  the router loss: their content is a training-set mean, so the sample's label says nothing about
+  it, and fitting it would teach the confidences to follow the class prior.
+- Class-balanced confidence target (``class_balance=True``). With a rare positive class an
+  uninformative ``W_p`` predicts the prevalence ``pi``, so ``t_i`` is about ``1 - pi`` on
+  negatives and ``pi`` on positives; the MSE is dominated by negatives and the confidences
+  settle near ``1 - pi`` for every expert, hardly telling experts apart. We weight every token's
+  ``L_conf`` and classifier-loss terms by the inverse frequency of its class (binary / per label
+  ``1 / (2 pi)`` for positives, ``1 / (2 (1 - pi))`` for negatives; multiclass ``1 / (C pi_c)``),
+  so both classes carry the same total weight. The balanced ``W_p`` then predicts 0.5 when it
+  knows nothing and ``t_i`` rises above 0.5 only where the expert output is informative for
+  either class. The frequencies ``pi`` are a running mean (then EMA at ``momentum``) of the
+  training labels in a buffer (``class_freq``), so a batch without positives still gets sane
+  weights; evaluation does not use them. ``class_balance=False`` restores plain means.
+- Auxiliary weights (``conf_weight=0.5``, ``cls_weight=0.1``, ``router_weight=0.1``; the paper
+  and released code use 1 for each). With 1.0 each the aux terms were about 2.5x the task loss.
+  The router loss is reported as a KL (BCE minus the constant entropy of its soft target; same
+  gradient), so it goes to 0 at a perfect fit instead of sitting at the target's entropy. The
+  classifier loss is ~0.69 when ``W_p`` is uninformative and falls as it learns; ``L_conf`` is a
+  squared error between probabilities (typically < 0.1). With these weights the aux terms are
+  roughly 0.05-0.15 in all, a modest fraction of a binary task loss of 0.3-0.7.
 
 Paper defaults: D 128, S 48 tokens per modality, 4 (MIMIC) to 8 experts, top-2, 4 heads, dropout
 0.1-0.4, lr 3e-4, batch 64-256, 30 epochs. Constructor defaults are small for CPU.
@@ -66,29 +89,67 @@ ROUTER_TRAINING = ("confidence", "none")
 
 
 def true_class_prob(
-    logits: torch.Tensor, y: torch.Tensor, task: str
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TCP of an auxiliary classifier and its training loss.
+    """TCP of an auxiliary classifier and its (optionally weighted) training loss.
 
     Args:
         logits: ``(N, k, C)`` auxiliary logits of each picked expert's output.
         y: Per-token labels: ``(N,)`` float (binary), ``(N,)`` long (multiclass) or ``(N, C)``
             float (multilabel).
         task: One of :data:`TASKS`.
+        weight: Optional per-element loss weights: ``(N,)`` (multiclass) or ``(N, L)`` (binary
+            ``L = 1`` / multilabel ``L = C``); the loss is ``sum(w * l) / sum(w)`` over tokens,
+            picked experts and labels. None = plain mean.
 
     Returns:
         ``tcp (N, k)`` (in the graph; the caller detaches it) and the scalar classifier loss.
     """
-    k = logits.shape[1]
+    N, k, C = logits.shape
     if task == "multiclass":
         yk = y.unsqueeze(1).expand(-1, k)  # (N, k)
         logp = F.log_softmax(logits, -1)  # (N, k, C)
-        tcp = logp.gather(-1, yk.unsqueeze(-1)).squeeze(-1).exp()  # (N, k)
-        return tcp, F.nll_loss(logp.reshape(-1, logits.shape[-1]), yk.reshape(-1))  # (N*k, C)
-    yk = y.reshape(y.shape[0], 1, -1).expand_as(logits).to(logits.dtype)  # (N, k, C)
+        nll = -logp.gather(-1, yk.unsqueeze(-1)).squeeze(-1)  # (N, k)
+        w = None if weight is None else weight.reshape(N, 1).expand(N, k)  # (N, k)
+        return (-nll).exp(), _weighted_mean(nll, w)
+    yk = y.reshape(N, 1, -1).expand_as(logits).to(logits.dtype)  # (N, k, C)
     p = torch.sigmoid(logits)
     tcp = torch.where(yk > 0.5, p, 1.0 - p).mean(-1)  # (N, k): mean over labels
-    return tcp, F.binary_cross_entropy_with_logits(logits, yk)
+    bce = F.binary_cross_entropy_with_logits(logits, yk, reduction="none")  # (N, k, C)
+    w = None if weight is None else weight.reshape(N, 1, -1).expand_as(bce)  # (N, k, C)
+    return tcp, _weighted_mean(bce, w)
+
+
+def _weighted_mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``sum(w * x) / sum(w)`` (plain mean when ``w`` is None; 0 when every weight is 0)."""
+    if w is None:
+        return x.mean()
+    return (w * x).sum() / w.sum().clamp_min(1e-12)
+
+
+def class_weights(y: torch.Tensor, freq: torch.Tensor, task: str) -> torch.Tensor:
+    """Inverse-frequency weights so that each class carries the same total weight.
+
+    Binary / multilabel (per label l with positive rate ``p_l``): ``1 / (2 p_l)`` for a positive,
+    ``1 / (2 (1 - p_l))`` for a negative. Multiclass (class rate ``p_c``): ``1 / (C p_c)``. Under
+    the estimated frequencies every weight averages to 1.
+
+    Args:
+        y: Labels as in :func:`true_class_prob` (``(N,)`` or ``(N, C)``).
+        freq: ``(L,)`` class (multiclass) or positive (binary / multilabel) frequencies.
+        task: One of :data:`TASKS`.
+
+    Returns:
+        ``(N,)`` (multiclass) or ``(N, L)`` weights.
+    """
+    f = freq.clamp(1e-3, 1 - 1e-3)
+    if task == "multiclass":
+        return 1.0 / (f.numel() * f[y])  # (N,)
+    yl = y.reshape(y.shape[0], -1).to(f.dtype)  # (N, L)
+    return torch.where(yl > 0.5, 0.5 / f, 0.5 / (1.0 - f))  # (N, L)
 
 
 class ConfidenceMoE(nn.Module):
@@ -208,9 +269,11 @@ class ConfSMoE(FusionHead):
             updates of a position).
         pool_size: > 0: in training, fill from the mean of this many random observed samples of
             the batch (the released code's 10) instead of the buffer; eval always uses the buffer.
+        class_balance: Weight the confidence and classifier losses by inverse class frequency
+            (module docstring); False = plain means over real tokens.
         conf_weight: Weight of ``L_conf``.
         cls_weight: Weight of the auxiliary classifier's loss.
-        router_weight: Weight of the router's confidence-prediction loss.
+        router_weight: Weight of the router's confidence-prediction loss (a KL).
     """
 
     def __init__(
@@ -234,9 +297,10 @@ class ConfSMoE(FusionHead):
         topk_keys: int | None = None,
         momentum: float = 0.01,
         pool_size: int = 0,
-        conf_weight: float = 1.0,
-        cls_weight: float = 1.0,
-        router_weight: float = 1.0,
+        class_balance: bool = True,
+        conf_weight: float = 0.5,
+        cls_weight: float = 0.1,
+        router_weight: float = 0.1,
     ):
         super().__init__(modalities, d_model, num_classes, num_tokens)
         lacking = [m for m in self.modalities if m not in self.num_tokens]
@@ -259,6 +323,10 @@ class ConfSMoE(FusionHead):
         self.task, self.router_training = task, router_training
         self.momentum, self.pool_size = momentum, pool_size
         self.weights = {"conf": conf_weight, "cls": cls_weight, "router": router_weight}
+        self.class_balance = class_balance
+        # Skip stage 2 where no token is imputed (and run it only on rows that have one); False
+        # runs it on every row of every training batch, as before (kept for tests / ablation).
+        self.skip_unimputed = True
         seg = torch.cat(
             [torch.full((self.num_tokens[m],), i) for i, m in enumerate(self.modalities)]
         )
@@ -266,6 +334,9 @@ class ConfSMoE(FusionHead):
         self.register_buffer("seg", seg.long(), persistent=False)  # (T,) modality id per position
         self.register_buffer("fill", torch.zeros(T, d_model))  # stage-1 running mean per position
         self.register_buffer("fill_count", torch.zeros(T, dtype=torch.long))
+        # class (multiclass) or positive (binary / multilabel) frequency of the training labels
+        self.register_buffer("class_freq", torch.full((num_classes,), 0.5))
+        self.register_buffer("class_count", torch.zeros((), dtype=torch.long))
 
         self.pos_embed = nn.Parameter(torch.randn(T, d_model) * 0.02)
         self.type_embed = nn.Parameter(torch.randn(len(self.modalities), d_model) * 0.02)
@@ -303,6 +374,17 @@ class ConfSMoE(FusionHead):
         self.fill.copy_(torch.where(seen.unsqueeze(-1), new, self.fill))
         self.fill_count.add_(seen.long())
 
+    @torch.no_grad()
+    def update_class_freq(self, labels: torch.Tensor, task: str) -> None:
+        """Running mean (then EMA at ``momentum``) of the label frequencies of training batches."""
+        if task == "multiclass":
+            batch = F.one_hot(labels.reshape(-1).long(), self.num_classes).float().mean(0)  # (C,)
+        else:
+            batch = labels.reshape(labels.shape[0], -1).float().mean(0)  # (C,)
+        rate = max(1.0 / (int(self.class_count) + 1), self.momentum)
+        self.class_freq.add_(rate * (batch.to(self.class_freq.dtype) - self.class_freq))
+        self.class_count.add_(1)
+
     def _pool_fill(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Training only: per sample, the mean of ``pool_size`` random observed rows (B, T, D)."""
         B = x.shape[0]
@@ -337,17 +419,50 @@ class ConfSMoE(FusionHead):
             )
         return task
 
-    def _layer_losses(self, moe: ConfidenceMoE, info, y_tok, task) -> dict[str, torch.Tensor]:
+    def _layer_losses(
+        self, moe: ConfidenceMoE, info, y_tok, task, tok_w, cls_w
+    ) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of one layer, over real tokens only.
+
+        Args:
+            moe: The layer's :class:`ConfidenceMoE`.
+            info: Its per-token details (``conf``, ``eo``, ``idx``, ``scores``; N = B * T rows).
+            y_tok: Per-token labels, or None (no labels: only the router loss).
+            task: Resolved task, or None.
+            tok_w: ``(N,)`` weight of each token: 0 for imputed tokens, else 1 or its class weight.
+            cls_w: Per-element weights of the auxiliary classifier's loss (see
+                :func:`true_class_prob`), or None.
+        """
         conf = info["conf"]  # (N, k)
+        k = conf.shape[1]
         out = {}
         if y_tok is not None:
-            tcp, cls_loss = true_class_prob(moe.aux_cls(info["eo"]), y_tok, task)  # (N, k)
-            out["conf"] = F.mse_loss(conf, tcp.detach())
+            tcp, cls_loss = true_class_prob(moe.aux_cls(info["eo"]), y_tok, task, cls_w)  # (N, k)
+            sq = (conf - tcp.detach()).pow(2)  # (N, k)
+            out["conf"] = _weighted_mean(sq, tok_w.unsqueeze(1).expand(-1, k))
             out["cls"] = cls_loss
         if self.router_training == "confidence":
             s = info["scores"].gather(1, info["idx"])  # (N, k) selection scores of the picked
-            out["router"] = F.binary_cross_entropy_with_logits(s, conf.detach())
+            t = conf.detach()
+            bce = F.binary_cross_entropy_with_logits(s, t, reduction="none")  # (N, k)
+            # minus the target's entropy (constant): the KL, 0 at a perfect fit; same gradient
+            kl = bce - F.binary_cross_entropy(t, t, reduction="none")  # (N, k)
+            real_w = (tok_w > 0).to(s.dtype).unsqueeze(1).expand(-1, k)  # (N, k)
+            out["router"] = _weighted_mean(kl, real_w)
         return out
+
+    def _post_impute(self, mod: PostImputation, h, y, real, imputed) -> torch.Tensor:
+        """Stage 2 on the rows that have an imputed token; other rows are returned unchanged."""
+        rows = imputed.any(1)  # (B,)
+        if not self.skip_unimputed or bool(rows.all()):
+            refined = mod(h, y, real)  # (B, T, D)
+            return torch.where(imputed.unsqueeze(-1), refined, h)
+        r = rows.nonzero().flatten()  # (R,)
+        hr = h.index_select(0, r)  # (R, T, D)
+        refined = mod(hr, y.index_select(0, r), real.index_select(0, r))  # (R, T, D)
+        return h.index_copy(
+            0, r, torch.where(imputed.index_select(0, r).unsqueeze(-1), refined, hr)
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens, present, labels=None) -> FusionOutput:
@@ -362,30 +477,45 @@ class ConfSMoE(FusionHead):
             self.update_fill(x, real)
         fill = self._pool_fill(x, real) if self.training and self.pool_size > 0 else self.fill
         imputed = ~real  # (B, T)
+        any_imputed = bool(imputed.any()) or not self.skip_unimputed
         h = torch.where(real.unsqueeze(-1), x, fill.expand(B, T, D))  # (B, T, D)
         h = h + self.pos_embed + self.type_embed[self.seg]
 
-        task = None
-        y_tok = None
+        task = y_tok = cls_w = None
+        tok_w = real.reshape(B * T).to(x.dtype)  # (B*T,): imputed tokens carry no aux loss
         if labels is not None:
             task = self._resolve_task(labels)
             lab = labels.reshape(B, -1) if task != "multiclass" else labels.reshape(B, 1)  # (B, L)
-            y_tok = lab.unsqueeze(1).expand(B, T, lab.shape[1]).reshape(B * T, -1)  # (B*T, L)
+            L = lab.shape[1]
+            y_tok = lab.unsqueeze(1).expand(B, T, L).reshape(B * T, L)  # (B*T, L)
             if task in ("multiclass", "binary"):
                 y_tok = y_tok.squeeze(-1)  # (B*T,)
+            if self.training and self.class_balance:
+                self.update_class_freq(labels, task)
+            if self.class_balance:
+                cw = class_weights(
+                    lab.squeeze(-1) if task == "multiclass" else lab, self.class_freq, task
+                )  # (B,) or (B, L)
+                cw = cw.unsqueeze(1).expand(B, T, *cw.shape[1:]).reshape(B * T, *cw.shape[1:])
+                cls_w = cw * tok_w.view(-1, *([1] * (cw.dim() - 1)))  # (B*T,) or (B*T, L)
+                tok_w = cls_w if cls_w.dim() == 1 else cls_w.mean(-1)  # (B*T,)
+            else:
+                cls_w = tok_w if task == "multiclass" else tok_w.unsqueeze(-1)
 
         parts: dict[str, list[torch.Tensor]] = {"conf": [], "cls": [], "router": []}
         gates: dict[str, torch.Tensor] = {}
+        idle: list[nn.Module] = []  # stage-2 modules skipped in a training step
         for layer, moe in enumerate(self.moe):
             a = self.attn[layer](self.norm1[layer](h).unsqueeze(0)).squeeze(0)  # (B, T, D)
             h = h + self.drop(a)
             y, info = moe(self.norm2[layer](h))  # (B, T, D)
             h = h + self.drop(y)
             key = str(layer)
-            if key in self.impute and (self.training or bool(imputed.any())):
-                refined = self.impute[key](h, y, real)  # (B, T, D)
-                h = torch.where(imputed.unsqueeze(-1), refined, h)
-            for name, val in self._layer_losses(moe, info, y_tok, task).items():
+            if key in self.impute and any_imputed:
+                h = self._post_impute(self.impute[key], h, y, real, imputed)  # (B, T, D)
+            elif key in self.impute:
+                idle.append(self.impute[key])
+            for name, val in self._layer_losses(moe, info, y_tok, task, tok_w, cls_w).items():
                 parts[name].append(val)
             k = info["idx"].shape[1]
             probs = torch.softmax(info["clean"].detach(), -1)  # (B*T, E)
@@ -401,4 +531,8 @@ class ConfSMoE(FusionHead):
                 val = torch.stack(vals).mean()
                 aux = aux + self.weights[name] * val
                 extras[f"{name}_loss"] = val.detach()
+        if self.training and idle and torch.is_grad_enabled():
+            # With no imputed token, stage 2 changes nothing and its exact gradient is zero; a
+            # zero-valued term gives its parameters that zero gradient without running it.
+            aux = aux + sum(p.sum() for mod in idle for p in mod.parameters()) * 0.0
         return FusionOutput(logits, aux, gates=gates, extras=extras)

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clinical_moe.fusion.conf_smoe import ConfidenceMoE, ConfSMoE, PostImputation, true_class_prob
+from clinical_moe.fusion.conf_smoe import (
+    ConfidenceMoE,
+    ConfSMoE,
+    PostImputation,
+    class_weights,
+    true_class_prob,
+)
 from clinical_moe.types import ModalityTokens
 
 MODS = ("a", "b", "c")
@@ -64,7 +70,7 @@ def test_confidence_target_is_detached_and_exact():
     u = torch.randn(B, 4, D)
     _, info = moe(u)
     y_tok = _labels().repeat_interleave(4)  # (B*4,): each token carries its sample's label
-    losses = head._layer_losses(moe, info, y_tok, "binary")
+    losses = head._layer_losses(moe, info, y_tok, "binary", torch.ones(B * 4), None)
     # the conf loss does not reach W_p (the target is detached); the classifier loss does
     g_conf = torch.autograd.grad(
         losses["conf"], moe.aux_cls.weight, retain_graph=True, allow_unused=True
@@ -197,3 +203,118 @@ def test_task_resolution_and_label_checks():
         _head(router_training="sometimes")
     with pytest.raises(ValueError, match="num_tokens"):
         ConfSMoE(MODS, D, 1, None)
+
+
+def _full_tokens(present=PRESENT, seed: int = 0):
+    """Tokens without padding: only absent modalities leave tokens to impute."""
+    gen = torch.Generator().manual_seed(seed)
+    n = present.shape[0]
+    return {
+        m: ModalityTokens(
+            torch.randn(n, T, D, generator=gen), present[:, i : i + 1].expand(-1, T).clone()
+        )
+        for i, m in enumerate(MODS)
+    }
+
+
+def _step(head, toks, present, labels):
+    head.zero_grad(set_to_none=True)
+    out = head(toks, present, labels=labels)
+    (F.binary_cross_entropy_with_logits(out.logits.squeeze(-1), labels) + out.aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in head.named_parameters()}
+    return out, grads
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_skipped_post_imputation_equals_computing_it(missing):
+    """Skipping stage 2 (nothing imputed) or running it on the imputed rows only gives the same
+    logits, aux loss and gradients as running it on every row with every non-imputed query
+    masked out (``skip_unimputed=False``, the previous behaviour)."""
+    present = PRESENT if missing else torch.ones(B, len(MODS), dtype=torch.bool)
+    toks, labels = _full_tokens(present), _labels()
+    results = []
+    for skip in (True, False):
+        head = _head(num_layers=2, noisy=False).train()  # no dropout, no noise: deterministic
+        head.skip_unimputed = skip
+        results.append(_step(head, toks, present, labels))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss, atol=1e-6, rtol=1e-5)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-5, msg=name)
+    if not missing:  # stage 2's exact gradient is zero when nothing is imputed
+        assert all(torch.all(g == 0) for n, g in ga.items() if n.startswith("impute."))
+
+
+def test_post_imputation_not_run_when_nothing_is_imputed(monkeypatch):
+    head = _head().train()
+    calls = []
+    monkeypatch.setattr(PostImputation, "forward", lambda *a, **k: calls.append(1) or a[1])
+    present = torch.ones(B, len(MODS), dtype=torch.bool)
+    head(_full_tokens(present), present, labels=_labels())
+    assert not calls
+    head(_full_tokens(PRESENT), PRESENT, labels=_labels())
+    assert calls
+
+
+def test_class_weights_give_each_class_equal_total_weight():
+    y = torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0])
+    w = class_weights(y, torch.tensor([0.25]), "binary")  # (8, 1)
+    assert torch.isclose(w[y > 0.5].sum(), w[y < 0.5].sum())
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    yc = torch.tensor([0, 0, 0, 1, 2, 2])
+    wc = class_weights(yc, torch.tensor([0.5, 1 / 6, 1 / 3]), "multiclass")  # (6,)
+    sums = torch.stack([wc[yc == c].sum() for c in range(3)])
+    torch.testing.assert_close(sums, torch.full((3,), 2.0))
+    ym = torch.tensor([[1.0, 0], [0, 0], [0, 1], [0, 1]])
+    wm = class_weights(ym, torch.tensor([0.25, 0.5]), "multilabel")  # (4, 2)
+    for lab in range(2):
+        col, yl = wm[:, lab], ym[:, lab]
+        assert torch.isclose(col[yl > 0.5].sum(), col[yl < 0.5].sum())
+
+
+def test_class_frequency_buffer_is_a_running_mean_then_ema():
+    head = _head(momentum=0.5).train()
+    head.update_class_freq(torch.tensor([1.0, 0, 0, 0]), "binary")
+    torch.testing.assert_close(head.class_freq, torch.tensor([0.25]))
+    head.update_class_freq(torch.tensor([1.0, 1, 0, 0]), "binary")  # rate max(1/2, 0.5)
+    torch.testing.assert_close(head.class_freq, torch.tensor([0.375]))
+    head.eval()
+    head(_tokens(), PRESENT)  # eval (no labels) leaves it alone
+    torch.testing.assert_close(head.class_freq, torch.tensor([0.375]))
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_aux_losses_count_real_tokens_only_and_balance_classes(balance):
+    head = _head(noisy=False, class_balance=balance).train()
+    seen = []
+    head.moe[0].register_forward_hook(lambda mod, inp, out: seen.append(out[1]))
+    toks, labels = _tokens(), _labels()
+    out = head(toks, PRESENT, labels=labels)
+    info, moe = seen[0], head.moe[0]
+    real = torch.cat([toks[m].mask & PRESENT[:, i : i + 1] for i, m in enumerate(MODS)], 1)
+    y_tok = labels.repeat_interleave(3 * T)  # (B*3T,)
+    p = torch.sigmoid(moe.aux_cls(info["eo"]))[..., 0]  # (N, k)
+    tcp = torch.where(y_tok[:, None] > 0.5, p, 1 - p).detach()
+    w = real.reshape(-1).float()  # (N,)
+    if balance:
+        freq = labels.mean()  # the first update sets the buffer to the batch's frequency
+        w = w * torch.where(y_tok > 0.5, 0.5 / freq, 0.5 / (1 - freq))
+    w2 = w[:, None].expand_as(tcp)
+    want_conf = (w2 * (info["conf"] - tcp) ** 2).sum() / w2.sum()
+    bce = F.binary_cross_entropy_with_logits(
+        moe.aux_cls(info["eo"])[..., 0], y_tok[:, None].expand_as(tcp), reduction="none"
+    )
+    torch.testing.assert_close(out.extras["conf_loss"], want_conf.detach())
+    torch.testing.assert_close(out.extras["cls_loss"], ((w2 * bce).sum() / w2.sum()).detach())
+    assert out.extras["router_loss"] >= 0  # a KL: zero at a perfect fit
+
+
+def test_default_aux_weights_leave_the_task_loss_dominant():
+    head = _head(num_layers=2).train()
+    toks = _full_tokens(PRESENT)
+    labels = torch.tensor([1.0, 0, 0, 0, 0])
+    out = head(toks, PRESENT, labels=labels)
+    task = F.binary_cross_entropy_with_logits(out.logits.squeeze(-1), labels)
+    assert out.aux_loss < 0.5 * task
