@@ -9,7 +9,8 @@ Each ``forward`` accepts ``groups``: an optional ``LongTensor[G']`` selecting wh
 groups to run (default: all, in order), so one group can be run on its own and compared with the
 grouped pass.
 
-Attention uses a key mask (True = real token). Padded keys get exactly zero weight. A row with no
+Attention uses a key mask (True = real token). Padded keys get exactly zero weight. A mask with
+every key real is dropped, so the fused (memory-efficient) attention kernel is used. A row with no
 real key at all attends uniformly over its (meaningless) keys instead of producing NaN; callers
 mask such rows out of their readout.
 """
@@ -120,7 +121,7 @@ class GroupedSelfAttention(nn.Module):
         qkv = self.qkv(x, groups).view(G * N, T, 3, H, D // H)  # (G*N, T, 3, H, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G*N, H, T, dh)
         attn_mask = None
-        if key_mask is not None:
+        if key_mask is not None and not bool(key_mask.all()):  # all real: the unmasked kernel
             km = safe_key_mask(key_mask.expand(G, N, T)).reshape(G * N, 1, 1, T)  # (G*N, 1, 1, T)
             attn_mask = km
         p = self.dropout if self.training else 0.0

@@ -33,9 +33,16 @@ Our choices (METHODS.md, "I2MoE"):
 - The paper drops every sample with a missing modality; we train and evaluate on incomplete
   samples. Uniqueness experts of absent modalities get weight exactly 0 and the others renormalise;
   an absent modality enters the reweighter as a learned embedding.
-- All ``M + 2`` experts over all ``M + 1`` input variants run as ONE batched pass: the variants are
-  stacked along the batch (only the rows a variant applies to), the experts along a group dimension
-  with per-expert weights (:mod:`clinical_moe.fusion.backbone`). ``shared_trunk=True`` shares the
+- All ``M + 2`` experts over all ``M + 1`` input variants run batched: the variants are stacked
+  along the batch (only the rows a variant applies to), the experts along a group dimension with
+  per-expert weights (:mod:`clinical_moe.fusion.backbone`). With ``perturb="drop"`` the variant
+  ``x^(-m)`` has modality m's positions *cut out* rather than masked (:meth:`compact_variants`):
+  the same outputs, since a masked modality is neither a key, nor pooled, nor read by any other
+  position, on ``T - T_m`` instead of ``T`` positions (attention cost ``((M-1)/M)^2``, the rest
+  ``(M-1)/M`` for equal token counts), run as a second batched pass beside the unperturbed one.
+  Nothing changes in the method. With no padded token the attention then needs no mask at all,
+  which takes the fused attention kernel (no ``T x T`` probability matrix kept for backward).
+  ``noise`` keeps every position (the noised tokens take part) in one batched pass. ``shared_trunk=True`` shares the
   first ``num_layers - 1`` blocks (run once) and keeps the last block, norm and head per expert (the
   paper deep-copies whole backbones).
 
@@ -224,6 +231,45 @@ class I2MoE(FusionHead):
             ms.append(mi)
         return torch.cat(xs, 0), torch.cat(ms, 0), pos
 
+    def compact_variants(self, x, mask, seg, eff):
+        """The ``drop`` variants ``x^(-m)`` with modality m's positions cut out, not masked.
+
+        A masked-out modality takes no part in the backbone: its keys get zero attention weight,
+        its positions are left out of the pooled mean, and every other position's computation
+        never reads them. Cutting them out therefore gives the same expert outputs as
+        :meth:`build_variants`' masked rows (up to float rounding) on ``T - T_m`` instead of
+        ``T`` positions. Variants are padded (mask False) to the longest ``T - T_m``.
+
+        Returns:
+            ``xv (N', T', D)``, ``mv (N', T')``, ``sv LongTensor[N', T']`` (modality id per
+            position) and ``pos LongTensor[M, B]``: the row of sample b without modality m in
+            the concatenation ``[the B unperturbed rows; xv]`` (so ``>= B``), or -1 where that
+            variant does not apply (a single present modality).
+        """
+        B, M = x.shape[0], len(self.modalities)
+        keeps = [(seg != i).nonzero().flatten() for i in range(M)]  # M x (T - T_i,)
+        Tp = max(k.numel() for k in keeps)
+        pos = torch.full((M, B), -1, dtype=torch.long, device=x.device)
+        xs, ms, ss = [], [], []
+        offset = B
+        n_present = eff.sum(1)  # (B,)
+        for i in range(M):
+            rows = (eff[:, i] & (n_present >= 2)).nonzero().flatten()  # (n_i,)
+            if rows.numel() == 0:
+                continue
+            keep = keeps[i]
+            pad = Tp - keep.numel()
+            idx = F.pad(keep, (0, pad))  # (Tp,): padded slots read position 0, masked below
+            ok = torch.arange(Tp, device=x.device) < keep.numel()  # (Tp,)
+            xs.append(x.index_select(0, rows).index_select(1, idx))  # (n_i, Tp, D)
+            ms.append(mask.index_select(0, rows).index_select(1, idx) & ok)  # (n_i, Tp)
+            ss.append(seg.index_select(0, idx).expand(rows.numel(), Tp))  # (n_i, Tp)
+            pos[i, rows] = torch.arange(offset, offset + rows.numel(), device=x.device)
+            offset += rows.numel()
+        if not xs:
+            return x[:0], mask[:0], seg.expand(0, -1), pos
+        return torch.cat(xs, 0), torch.cat(ms, 0), torch.cat(ss, 0), pos
+
     # ------------------------------------------------------------------ experts
     def expert_outputs(
         self,
@@ -237,14 +283,14 @@ class I2MoE(FusionHead):
         Args:
             xv: ``(N, T, D)`` tokens (masked positions zero).
             mv: ``(N, T)`` real-token mask.
-            seg: ``(T,)`` modality id of each position.
+            seg: ``(T,)`` or ``(N, T)`` modality id of each position.
             experts: Optional ``LongTensor[G']`` of expert indices (for checks / analysis).
 
         Returns:
             Pooled embeddings ``(G', N, D)`` and logits ``(G', N, C)``.
         """
         G = self.num_experts if experts is None else experts.numel()
-        h = (xv + self.type_embed[seg]).unsqueeze(0)  # (1, N, T, D)
+        h = (xv + self.type_embed[seg]).unsqueeze(0)  # (1, N, T, D); seg (T,) or (N, T)
         key_mask = mv.unsqueeze(0)  # (1, N, T)
         for blk in self.trunk:
             h = blk(h, key_mask)
@@ -275,11 +321,20 @@ class I2MoE(FusionHead):
     def forward(self, tokens, present, labels=None) -> FusionOutput:
         x, mask, seg, eff = self._inputs(tokens, present)
         B, M = x.shape[0], len(self.modalities)
-        if self.training:
-            xv, mv, pos = self.build_variants(x, mask, seg, eff)
+        if self.training and self.perturb == "drop":
+            # two batched passes: the input (T positions) and every variant (T - T_m positions)
+            xv, mv, sv, pos = self.compact_variants(x, mask, seg, eff)
+            emb, expert_logits = self.expert_outputs(x, mask, seg)  # (G, B, D), (G, B, C)
+            if xv.shape[0]:
+                emb_v, logits_v = self.expert_outputs(xv, mv, sv)  # (G, N', D), (G, N', C)
+                emb = torch.cat([emb, emb_v], 1)  # (G, B + N', D)
+                expert_logits = torch.cat([expert_logits, logits_v], 1)  # (G, B + N', C)
         else:
-            xv, mv, pos = x, mask, torch.full((M, B), -1, dtype=torch.long, device=x.device)
-        emb, expert_logits = self.expert_outputs(xv, mv, seg)  # (G, N, D), (G, N, C)
+            if self.training:  # noise: the variants keep every position, one batched pass
+                xv, mv, pos = self.build_variants(x, mask, seg, eff)
+            else:
+                xv, mv, pos = x, mask, torch.full((M, B), -1, dtype=torch.long, device=x.device)
+            emb, expert_logits = self.expert_outputs(xv, mv, seg)  # (G, N, D), (G, N, C)
 
         w = self.weights(tokens, eff)  # (B, G)
         main = expert_logits[:, :B].transpose(0, 1)  # (B, G, C)

@@ -85,23 +85,56 @@ def test_batched_pass_equals_loop_of_expert_calls(kw):
     torch.testing.assert_close(logits[:, int(pos[m, b])], l_missing[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_forward_runs_one_expert_pass(monkeypatch):
-    head = _head().train()
-    calls = []
-    orig = head.expert_outputs
+def test_forward_runs_batched_expert_passes(monkeypatch):
+    """drop: one pass on the input, one on every variant (cut down to T - T_m positions);
+    noise: one pass on everything; eval: one pass on the input."""
+    for perturb in ("drop", "noise"):
+        head = _head(perturb=perturb).train()
+        calls = []
+        orig = head.expert_outputs
 
-    def counting(xv, mv, seg, experts=None):
-        calls.append(xv.shape[0])
-        return orig(xv, mv, seg, experts)
+        def counting(xv, mv, seg, experts=None, calls=calls, orig=orig):
+            calls.append(tuple(xv.shape[:2]))
+            return orig(xv, mv, seg, experts)
 
-    monkeypatch.setattr(head, "expert_outputs", counting)
-    head(_tokens(PRESENT), PRESENT)
-    n_variants = int((PRESENT & (PRESENT.sum(1, keepdim=True) >= 2)).sum())  # single: untouched
-    assert calls == [PRESENT.shape[0] + n_variants]
-    calls.clear()
-    head.eval()
-    head(_tokens(PRESENT), PRESENT)
-    assert calls == [PRESENT.shape[0]]
+        monkeypatch.setattr(head, "expert_outputs", counting)
+        head(_tokens(PRESENT), PRESENT)
+        B = PRESENT.shape[0]
+        if perturb == "drop":
+            n_variants = int((PRESENT & (PRESENT.sum(1, keepdim=True) >= 2)).sum())
+            assert calls == [(B, 3 * T), (n_variants, 2 * T)]
+        else:
+            assert calls == [(B + int(PRESENT.sum()), 3 * T)]
+        calls.clear()
+        head.eval()
+        head(_tokens(PRESENT), PRESENT)
+        assert calls == [(B, 3 * T)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"shared_trunk": True, "num_layers": 2}])
+def test_compact_variants_equal_masked_variants(kw):
+    """Cutting a dropped modality's positions out gives the masked variant's expert outputs."""
+    mods = ("a", "b", "c")
+    sizes = {"a": 3, "b": 2, "c": 4}  # unequal token counts: variants get padded
+    torch.manual_seed(0)
+    head = I2MoE(mods, D, 1, sizes, dropout=0.0, **kw).train()
+    gen = torch.Generator().manual_seed(1)
+    toks = {}
+    for i, m in enumerate(mods):
+        mask = PRESENT[:, i : i + 1].expand(-1, sizes[m]).clone()
+        mask[0, -1] = False
+        toks[m] = ModalityTokens(torch.randn(6, sizes[m], D, generator=gen) * mask[..., None], mask)
+    x, mask, seg, eff = head._inputs(toks, PRESENT)
+    xm, mm, pos_m = head.build_variants(x, mask, seg, eff)
+    xc, mc, sc, pos_c = head.compact_variants(x, mask, seg, eff)
+    assert torch.equal(pos_m, pos_c)
+    assert xc.shape[1] == max(sum(sizes.values()) - n for n in sizes.values())
+    emb_m, lg_m = head.expert_outputs(xm, mm, seg)
+    e0, l0 = head.expert_outputs(x, mask, seg)
+    e1, l1 = head.expert_outputs(xc, mc, sc)
+    emb_c, lg_c = torch.cat([e0, e1], 1), torch.cat([l0, l1], 1)
+    torch.testing.assert_close(emb_c, emb_m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lg_c, lg_m, atol=1e-5, rtol=1e-5)
 
 
 def test_perturb_only_present_modalities():
