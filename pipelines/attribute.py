@@ -8,7 +8,9 @@ Steps: re-open the run (:func:`clinical_moe.runs.load_run`: config, cache, best 
 the stays of one split (default test) with modality Shapley values, Integrated Gradients and
 drop-one ablation, analyse routing (MoE heads) and I2MoE interaction weights, and check
 faithfulness against the synthetic truth when the cache was built from a synthetic corpus
-(:mod:`clinical_moe.attribution`); write CSV + Parquet tables, PNG figures and a self-contained
+(:mod:`clinical_moe.attribution`: groups of >= 50 stays where the split allows, bootstrap CIs)
+and probe each encoder's pooled output for its modality's latent factor (train stays -> the
+attributed split); write CSV + Parquet tables, PNG figures and a self-contained
 ``report.html`` to ``--out`` (default ``runs/attribution/<run name>``); log them as artifacts of
 the run under ``attribution/`` and the faithfulness figures as metrics ``attribution/...``.
 
@@ -62,6 +64,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=32,
         help="Integrated Gradients steps (0 skips IG, most of the cost for big heads)",
     )
+    p.add_argument(
+        "--probe-train",
+        type=int,
+        default=3000,
+        help="train stays per modality for the encoder probes (0 skips the probes)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         batch_size=args.batch_size,
         ig_steps=args.ig_steps,
+        probe_train=args.probe_train,
     )
     return 0
 
@@ -91,6 +100,12 @@ def faithfulness_metrics(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
     for r in tables["faithfulness"].itertuples():
         if r.metric != "status" and np.isfinite(r.value):
             out[f"attribution/{r.method}/{r.metric}"] = float(r.value)
+            for end in ("ci_low", "ci_high"):
+                if np.isfinite(getattr(r, end, np.nan)):
+                    out[f"attribution/{r.method}/{r.metric}/{end}"] = float(getattr(r, end))
+    for r in tables.get("encoder_probe", pd.DataFrame()).itertuples():
+        if np.isfinite(r.auroc):
+            out[f"attribution/probe/{r.modality}/{r.factor.replace('>', '_gt_')}"] = float(r.auroc)
     for r in tables["modality_summary"].itertuples():
         if np.isfinite(r.mean_abs):
             out[f"attribution/{r.method}/mean_abs/{r.modality}"] = float(r.mean_abs)
@@ -130,6 +145,7 @@ def attribute(
     batch_size: int = 64,
     ig_steps: int = 32,
     log_mlflow: bool = True,
+    probe_train: int = 3000,
 ) -> dict[str, pd.DataFrame]:
     """Attribution report of a trained run (see the module docstring).
 
@@ -145,10 +161,13 @@ def attribute(
         batch_size: Stays per batch.
         ig_steps: Integrated Gradients steps; 0 skips IG.
         log_mlflow: Log the outputs to the run (when it has an MLflow run id).
+        probe_train: Train stays per modality for the encoder probes
+            (:func:`clinical_moe.attribution.probe.probe_encoders`, scored on the attributed
+            split); 0 skips them.
 
     Returns:
         The tables by name (``per_stay``, ``modality_summary``, ``pattern_summary``, routing,
-        interaction and faithfulness tables).
+        interaction, faithfulness and ``encoder_probe`` tables).
     """
     from clinical_moe.attribution import attribute_dataset, faithfulness, find_truth, make_target
     from clinical_moe.attribution.report import write_report
@@ -181,6 +200,12 @@ def attribute(
     )
     truth, reason = find_truth(dataset.store.summary)
     tables.update(faithfulness(tables["per_stay"], truth, mods, tables["interactions"], reason))
+    if probe_train > 0:
+        from clinical_moe.attribution.probe import probe_encoders
+
+        tables["encoder_probe"] = probe_encoders(
+            loaded.model, data.train, dataset, max_train=probe_train, batch_size=batch_size
+        )
     seconds = time.perf_counter() - start
     info = {
         "run": loaded.name,

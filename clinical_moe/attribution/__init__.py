@@ -12,7 +12,9 @@ Methods (each module's docstring gives the definitions and the choices made):
 - :mod:`.routing`: router probabilities per modality, expert and layer; expert specialisation by
   modality and by missingness pattern (MoE heads).
 - :mod:`.interactions`: I2MoE uniqueness / synergy / redundancy weights (Xin et al. 2025).
-- :mod:`.faithfulness`: agreement with the synthetic corpus's generative truth.
+- :mod:`.faithfulness`: agreement with the synthetic corpus's generative truth, on groups of stays
+  (:mod:`.groups`) with bootstrap CIs (:mod:`.stats`).
+- :mod:`.probe`: linear probes of each encoder's pooled output for its modality's latent factor.
 
 Everything explains one scalar per stay, the target's log-odds (:mod:`.target`). Tables are pandas
 DataFrames keyed by modality (:mod:`.tables`; per batch, :func:`by_modality` turns a ``(B, M)``
@@ -24,7 +26,9 @@ result into ``{modality: Tensor[B]}``); :mod:`.report` writes them with an HTML 
 from clinical_moe.attribution.faithfulness import faithfulness, find_truth, true_effects
 from clinical_moe.attribution.game import PresenceGame, by_modality
 from clinical_moe.attribution.gradients import modality_integrated_gradients
+from clinical_moe.attribution.groups import assign_groups
 from clinical_moe.attribution.interactions import InteractionWeights
+from clinical_moe.attribution.probe import probe_encoders
 from clinical_moe.attribution.routing import RoutingAnalysis
 from clinical_moe.attribution.shapley import (
     EXACT_MAX_MODALITIES,
@@ -40,6 +44,7 @@ __all__ = [
     "PresenceGame",
     "RoutingAnalysis",
     "Target",
+    "assign_groups",
     "attribute_batch",
     "attribute_dataset",
     "by_modality",
@@ -49,5 +54,6 @@ __all__ = [
     "modality_ablation",
     "modality_integrated_gradients",
     "modality_shapley",
+    "probe_encoders",
     "true_effects",
 ]

@@ -16,18 +16,29 @@ faithful attribution of the mortality log-odds should follow these effects. Defi
   half to the carriers of ``pulmonary`` and half to those of ``infection``; the age term goes to
   the EHR (age is one of its static features). A term none of whose carriers is present is
   invisible to the model and is dropped.
-- **Cardiac-only stays**: ``cardiac = 1``, ``pulmonary = 0``, ``infection = 0`` and
-  ``|severity| <= severity_max`` (default 0.5 SD), restricted to stays that have the ECG and at
-  least one other modality. The figure is the share of them whose ECG attribution is the largest
-  (signed: the factor raises the risk) among their present modalities; ``chance`` is the mean of
-  ``1 / number of present modalities`` and ``oracle`` the share the true effects themselves reach
-  (below 1 where a small severity or the age outweighs the factor: pulmonary's coefficient is
-  small). **Pulmonary-only** is the analogue for ``pulmonary`` / CXR.
+- **Groups** (:mod:`.groups`): ``cardiac_only`` (ECG expected on top), ``pulmonary_only`` (CXR)
+  and ``synergy`` (pulmonary x infection: CXR and EHR together), with at least ``min_n`` (50)
+  stays where the split allows; ``faithfulness_groups`` states each definition as used.
+- **Ranking figures** per method and group, each a mean over the group's stays with a seeded
+  percentile bootstrap CI (:mod:`.stats`):
+
+  - ``<group>_<carriers>_top<c>_signed``: share of stays whose carrier(s) have the largest
+    signed attribution(s) among the present modalities (a modality can "win" this because the
+    others are negative);
+  - ``<group>_<carriers>_top<c>_abs``: the same ranking by |attribution|;
+  - ``<group>_<carriers>_share``: mean share of the carrier(s) in the total |attribution| of the
+    present modalities.
+
+  ``chance`` is what a random ranking (or an even split of |attribution|) gives and ``oracle``
+  what the true effects themselves give under the same figure: below 1 where the truth puts
+  another modality first (e.g. ECG's negative effect of ``cardiac = 0`` on a pulmonary-only stay
+  outweighs CXR's in |.|, or severity outweighs a small factor).
 - **Spearman**: rank correlation between true effects and attributions over all (stay, present
   modality) pairs (``spearman_pooled``) and the mean over stays with >= 3 present modalities of the
-  per-stay correlation (``spearman_per_stay``).
-- I2MoE: the mean synergy weight of stays with ``pulmonary = infection = 1`` that have CXR and EHR,
-  against the other stays; the synergy expert should weigh more where the interaction acts.
+  per-stay correlation (``spearman_per_stay``, with a CI).
+- I2MoE: the mean synergy weight of synergy-driven stays against the other stays that have CXR
+  and EHR, and the difference with a two-sample bootstrap CI; it should be above 0.
+- A group with fewer than ``min_n`` stays carries a "small n" warning in ``note``.
 
 Real MIMIC has no truth: every figure is then reported as "not available".
 """
@@ -41,11 +52,25 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from clinical_moe.attribution.groups import GROUP_COLUMNS, GROUP_SPECS, MIN_N, assign_groups
+from clinical_moe.attribution.ranking import carrier_share, carriers_on_top, chance_top
+from clinical_moe.attribution.stats import N_BOOT, bootstrap_diff_ci, bootstrap_mean_ci
+
 FACTORS = ("severity", "cardiac", "pulmonary", "infection")
 WEIGHTS = {"strong": 1.0, "weak": 0.25}
-GROUPS = {"cardiac_only": ("cardiac", "ecg"), "pulmonary_only": ("pulmonary", "cxr")}
 METHODS = ("shapley", "ig", "ablation")
-SUMMARY_COLUMNS = ["method", "metric", "value", "n_stays", "chance", "oracle", "note"]
+SUMMARY_COLUMNS = [
+    "method",
+    "group",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_stays",
+    "chance",
+    "oracle",
+    "note",
+]
 
 
 def find_truth(cache_summary: dict) -> tuple[Path | None, str]:
@@ -124,16 +149,71 @@ def true_effects(
     )
 
 
-def stay_groups(stays: pd.DataFrame, severity_max: float = 0.5) -> pd.Series:
-    """``stay_id -> "cardiac_only" | "pulmonary_only" | "other"`` (see the module docstring)."""
-    x = stays.set_index("stay_id")
-    calm = x["severity"].abs() <= severity_max
-    group = pd.Series("other", index=x.index)
-    for name, (factor, _) in GROUPS.items():
-        others = [f for f in ("cardiac", "pulmonary", "infection") if f != factor]
-        sel = (x[factor] == 1) & calm & (x[others] == 0).all(axis=1)
-        group[sel] = name
-    return group
+def _row(method, group, metric, stats, n, chance=np.nan, oracle=np.nan, note="") -> dict:
+    value, lo, hi = stats
+    return dict(
+        zip(SUMMARY_COLUMNS, (method, group, metric, value, lo, hi, n, chance, oracle, note))
+    )
+
+
+def group_rows(
+    method: str,
+    attr: np.ndarray,
+    true: np.ndarray,
+    has: np.ndarray,
+    groups: np.ndarray,
+    modalities: tuple[str, ...],
+    min_n: int = MIN_N,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[dict]:
+    """Ranking figures of one attribution method on every group (see the module docstring).
+
+    Args:
+        method: Method name (a column prefix of the per-stay table).
+        attr: ``(N, M)`` attributions.
+        true: ``(N, M)`` true effects.
+        has: ``(N, M)`` presence.
+        groups: ``(N,)`` group names (:func:`~clinical_moe.attribution.groups.assign_groups`).
+        modalities: Modality order.
+        min_n: Groups below this size get a warning in ``note``.
+        n_boot: Bootstrap resamples.
+        seed: Bootstrap seed.
+
+    Returns:
+        Rows of the ``faithfulness`` table.
+    """
+    rows = []
+    for spec in GROUP_SPECS:
+        if not set(spec.carriers) <= set(modalities):
+            continue
+        idx = [modalities.index(m) for m in spec.carriers]
+        c = len(idx)
+        sel = groups == spec.name
+        if c > 1:  # with only the carriers present the pair is on top by construction
+            sel &= has.sum(1) > c
+        k = has[sel].sum(1)
+        name = f"{spec.name}_{'_'.join(spec.carriers)}"
+        n = int(sel.sum())
+        note = f"small n (< {min_n}): read the CI" if n < min_n else ""
+        a, t, h = attr[sel], true[sel], has[sel]
+        p_top = float(chance_top(k, c).mean()) if n else np.nan
+        for label, va, vt, chance in (
+            ("signed", a, t, p_top),
+            ("abs", np.abs(a), np.abs(t), p_top),
+        ):
+            hit = carriers_on_top(va, h, idx)
+            oracle = float(carriers_on_top(vt, h, idx).mean()) if n else np.nan
+            stats = bootstrap_mean_ci(hit, n_boot, seed)
+            rows.append(
+                _row(method, spec.name, f"{name}_top{c}_{label}", stats, n, chance, oracle, note)
+            )
+        share = carrier_share(a, h, idx)
+        oracle = float(np.nanmean(carrier_share(t, h, idx))) if n else np.nan
+        chance = float((c / k).mean()) if n else np.nan
+        stats = bootstrap_mean_ci(share, n_boot, seed)
+        rows.append(_row(method, spec.name, f"{name}_share", stats, n, chance, oracle, note))
+    return rows
 
 
 def faithfulness(
@@ -142,7 +222,10 @@ def faithfulness(
     modalities: tuple[str, ...],
     interactions: pd.DataFrame | None = None,
     reason: str = "",
-    severity_max: float = 0.5,
+    severity_max: float | None = None,
+    min_n: int = MIN_N,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
     """Faithfulness figures of every attribution method in ``per_stay``.
 
@@ -152,35 +235,44 @@ def faithfulness(
         modalities: Modality order.
         interactions: I2MoE per-stay weights (``stay_id``, ``synergy``), if any.
         reason: Why there is no truth (shown when ``truth_dir`` is None).
-        severity_max: ``|severity|`` bound of the single-factor groups.
+        severity_max: A fixed ``|severity|`` bound of the single-factor groups; None widens it
+            from 0.5 SD until each group has ``min_n`` stays (:mod:`.groups`).
+        min_n: Target group size; smaller groups are flagged.
+        n_boot: Bootstrap resamples of every CI.
+        seed: Bootstrap seed.
 
     Returns:
-        ``faithfulness`` (method, metric, value, n_stays, chance, note) and
-        ``faithfulness_per_stay`` (group, true effects, per-stay Spearman per method).
+        ``faithfulness`` (:data:`SUMMARY_COLUMNS`), ``faithfulness_groups`` (the definitions
+        used and the group sizes) and ``faithfulness_per_stay`` (group, true effects, per-stay
+        Spearman per method).
     """
     if truth_dir is None:
-        row = {
-            "method": "all",
-            "metric": "status",
-            "value": np.nan,
-            "n_stays": 0,
-            "chance": np.nan,
-            "oracle": np.nan,
-            "note": f"not available: {reason or 'no generative truth'}",
-        }
+        row = _row(
+            "all",
+            "",
+            "status",
+            (np.nan,) * 3,
+            0,
+            note=f"not available: {reason or 'no generative truth'}",
+        )
         return {
             "faithfulness": pd.DataFrame([row], columns=SUMMARY_COLUMNS),
+            "faithfulness_groups": pd.DataFrame(columns=GROUP_COLUMNS),
             "faithfulness_per_stay": pd.DataFrame(columns=["stay_id", "group"]),
         }
     stays, effects = load_truth(truth_dir)
     stays = stays.drop_duplicates("stay_id")
-    known = per_stay[per_stay["stay_id"].isin(stays["stay_id"])]
+    known = per_stay[per_stay["stay_id"].isin(stays["stay_id"])].drop_duplicates("stay_id")
     has_cols = [f"has_{m}" for m in modalities]
     truth = true_effects(stays, effects, known[["stay_id", *has_cols]], modalities)
     df = known.merge(truth, on="stay_id")
-    df["group"] = df["stay_id"].map(stay_groups(stays, severity_max)).fillna("other")
+    group, definitions = assign_groups(
+        stays, df[["stay_id", *has_cols]], modalities, min_n, severity_max
+    )
+    df["group"] = df["stay_id"].map(group).fillna("other")
     has = df[has_cols].to_numpy(bool)
     true = df[[f"true_{m}" for m in modalities]].to_numpy(float)
+    groups = df["group"].to_numpy()
     rows = []
     methods = [
         m
@@ -190,36 +282,22 @@ def faithfulness(
     ]
     for method in methods:
         attr = df[[f"{method}_{m}" for m in modalities]].to_numpy(float)
-        for name, (_, modality) in GROUPS.items():
-            if modality not in modalities:
-                continue
-            j = modalities.index(modality)
-            sel = (df["group"] == name).to_numpy() & has[:, j] & (has.sum(1) >= 2)
-            top = np.where(has, np.nan_to_num(attr, nan=-np.inf), -np.inf)[sel].argmax(1) == j
-            best = np.where(has, true, -np.inf)[sel].argmax(1) == j
-            rows.append(
-                {
-                    "method": method,
-                    "metric": f"{name}_{modality}_top1",
-                    "value": float(top.mean()) if sel.any() else np.nan,
-                    "n_stays": int(sel.sum()),
-                    "chance": float((1.0 / has[sel].sum(1)).mean()) if sel.any() else np.nan,
-                    "oracle": float(best.mean()) if sel.any() else np.nan,
-                    "note": "",
-                }
-            )
+        rows += group_rows(method, attr, true, has, groups, modalities, min_n, n_boot, seed)
         ok = has & np.isfinite(attr)
-        rho = spearmanr(true[ok], attr[ok]).statistic if ok.sum() >= 3 else np.nan
+        varies = ok.sum() >= 3 and np.ptp(true[ok]) > 0 and np.ptp(attr[ok]) > 0
+        rho = spearmanr(true[ok], attr[ok]).statistic if varies else np.nan
+        n_ok = int(ok.any(1).sum())
         rows.append(
-            {
-                "method": method,
-                "metric": "spearman_pooled",
-                "value": float(rho),
-                "n_stays": int(ok.any(1).sum()),
-                "chance": 0.0,
-                "oracle": 1.0,
-                "note": "stay x modality",
-            }
+            _row(
+                method,
+                "all",
+                "spearman_pooled",
+                (float(rho), np.nan, np.nan),
+                n_ok,
+                0.0,
+                1.0,
+                "stay x modality",
+            )
         )
         per = np.full(len(df), np.nan)
         for i in np.flatnonzero(ok.sum(1) >= 3):
@@ -227,18 +305,21 @@ def faithfulness(
             if np.ptp(t) > 0 and np.ptp(a) > 0:
                 per[i] = spearmanr(t, a).statistic
         df[f"spearman_{method}"] = per
+        stats = bootstrap_mean_ci(per, n_boot, seed)
+        note = "mean over stays with >= 3 modalities"
         rows.append(
-            {
-                "method": method,
-                "metric": "spearman_per_stay",
-                "value": float(np.nanmean(per)) if np.isfinite(per).any() else np.nan,
-                "n_stays": int(np.isfinite(per).sum()),
-                "chance": 0.0,
-                "oracle": 1.0,
-                "note": "mean over stays with >= 3 modalities",
-            }
+            _row(
+                method,
+                "all",
+                "spearman_per_stay",
+                stats,
+                int(np.isfinite(per).sum()),
+                0.0,
+                1.0,
+                note,
+            )
         )
-    rows += _synergy_rows(stays, interactions, df, modalities)
+    rows += synergy_rows(stays, interactions, df, modalities, min_n, n_boot, seed)
     keep = [
         "stay_id",
         "group",
@@ -247,29 +328,81 @@ def faithfulness(
     ]
     return {
         "faithfulness": pd.DataFrame(rows, columns=SUMMARY_COLUMNS),
+        "faithfulness_groups": definitions,
         "faithfulness_per_stay": df[keep].reset_index(drop=True),
     }
 
 
-def _synergy_rows(stays, interactions, df, modalities) -> list[dict]:
+def synergy_rows(
+    stays: pd.DataFrame,
+    interactions: pd.DataFrame | None,
+    df: pd.DataFrame,
+    modalities: tuple[str, ...],
+    min_n: int = MIN_N,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[dict]:
+    """I2MoE synergy weight of synergy-driven stays against the other stays with CXR and EHR.
+
+    Both sets have the CXR and the EHR, so the contrast is not one of missingness patterns (the
+    head renormalises its weights over the modalities a stay has).
+
+    Args:
+        stays: Truth table (``stay_id``, ``pulmonary``, ``infection``).
+        interactions: Per-stay weights (``stay_id``, ``synergy``); None or no ``synergy`` column
+            gives no rows.
+        df: ``stay_id``, ``has_cxr``, ``has_ehr`` of the attributed stays.
+        modalities: Modality order (needs ``cxr`` and ``ehr``).
+        min_n: Groups below this size get a warning.
+        n_boot: Bootstrap resamples.
+        seed: Bootstrap seed.
+
+    Returns:
+        Rows ``synergy_weight_pulm_x_inf``, ``synergy_weight_other`` (means with CIs) and
+        ``synergy_weight_difference`` (with a two-sample bootstrap CI).
+    """
     if interactions is None or "synergy" not in getattr(interactions, "columns", ()):
         return []
     if not {"cxr", "ehr"} <= set(modalities):
         return []
-    x = interactions.merge(stays[["stay_id", "pulmonary", "infection"]], on="stay_id")
+    x = interactions.drop_duplicates("stay_id").merge(
+        stays[["stay_id", "pulmonary", "infection"]], on="stay_id"
+    )
     x = x.merge(df[["stay_id", "has_cxr", "has_ehr"]], on="stay_id")
-    both = (x["pulmonary"] == 1) & (x["infection"] == 1) & x["has_cxr"] & x["has_ehr"]
-    out = []
-    for name, sel in (("synergy_weight_pulm_x_inf", both), ("synergy_weight_other", ~both)):
-        out.append(
-            {
-                "method": "i2moe",
-                "metric": name,
-                "value": float(x.loc[sel, "synergy"].mean()) if sel.any() else np.nan,
-                "n_stays": int(sel.sum()),
-                "chance": np.nan,
-                "oracle": np.nan,
-                "note": "",
-            }
-        )
-    return out
+    pair = x["has_cxr"].astype(bool) & x["has_ehr"].astype(bool)
+    both = (x["pulmonary"] == 1) & (x["infection"] == 1) & pair
+    other = pair & ~both
+    a, b = x.loc[both, "synergy"].to_numpy(float), x.loc[other, "synergy"].to_numpy(float)
+    small = f"small n (< {min_n}): read the CI"
+    note_a = small if len(a) < min_n else "pulmonary = infection = 1, has CXR and EHR"
+    note_b = small if len(b) < min_n else "not both factors, has CXR and EHR"
+    diff_note = f"synergy-driven minus other ({len(a)} vs {len(b)} stays); two-sample bootstrap"
+    if min(len(a), len(b)) < min_n:
+        diff_note = f"{small}; {diff_note}"
+    return [
+        _row(
+            "i2moe",
+            "synergy",
+            "synergy_weight_pulm_x_inf",
+            bootstrap_mean_ci(a, n_boot, seed),
+            len(a),
+            note=note_a,
+        ),
+        _row(
+            "i2moe",
+            "other",
+            "synergy_weight_other",
+            bootstrap_mean_ci(b, n_boot, seed),
+            len(b),
+            note=note_b,
+        ),
+        _row(
+            "i2moe",
+            "synergy",
+            "synergy_weight_difference",
+            bootstrap_diff_ci(a, b, n_boot, seed),
+            len(a),
+            0.0,
+            note=diff_note,
+        ),
+    ]

@@ -128,45 +128,46 @@ def interaction_figure(summary: pd.DataFrame):
 def faithfulness_figure(
     faith: pd.DataFrame, per_stay: pd.DataFrame, truth: pd.DataFrame, modalities
 ):
-    """Top-1 shares of the single-factor groups against chance, and true effect vs Shapley."""
-    top = faith[faith["metric"].str.endswith("_top1")]
-    if top.empty or truth.empty:
+    """Ranking figures per group with 95% CIs, chance and oracle; true effect vs Shapley.
+
+    Left: one point per method and figure (top-1 signed, top-1 by |.|, share of |.|), with its
+    bootstrap CI as a bar, chance as a black dash and what the true effects reach (oracle) as a
+    red cross; the x labels give the group and its number of stays. Right: every (stay, present
+    modality) pair, true effect against its Shapley value.
+    """
+    rank = faith[faith["group"].isin(["cardiac_only", "pulmonary_only", "synergy"])]
+    rank = rank[~rank["metric"].str.startswith("synergy_weight")]
+    if rank.empty or truth.empty:
         return None
-    fig = Figure(figsize=(11, 3.8))
-    axes = fig.subplots(1, 2)
-    metrics = sorted(set(top["metric"]))
-    methods = list(dict.fromkeys(top["method"]))
+    fig = Figure(figsize=(13, 4.4))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    metrics = list(dict.fromkeys(rank["metric"]))
+    methods = list(dict.fromkeys(rank["method"]))
     width = 0.8 / max(len(methods), 1)
+    x0 = np.arange(len(metrics))
     for k, method in enumerate(methods):
-        part = top[top["method"] == method].set_index("metric").reindex(metrics)
-        xs = np.arange(len(metrics)) + k * width
-        axes[0].bar(xs, part["value"], width, label=method)
-        for x, n in zip(xs, part["n_stays"]):
-            axes[0].text(
-                x,
-                0.02,
-                f"n={int(n) if np.isfinite(n) else 0}",
-                ha="center",
-                fontsize=7,
-                rotation=90,
-            )
-    chance = top.groupby("metric")["chance"].first().reindex(metrics)
-    axes[0].scatter(
-        np.arange(len(metrics)) + 0.4 - width / 2,
-        chance,
-        marker="_",
-        s=600,
-        color="k",
-        label="chance",
-    )
-    axes[0].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics, fontsize=8)
-    axes[0].set_ylim(0, 1.05)
-    axes[0].set_title("share where the carrying modality ranks first", fontsize=10)
-    axes[0].legend(fontsize=7)
+        part = rank[rank["method"] == method].set_index("metric").reindex(metrics)
+        xs = x0 + (k - (len(methods) - 1) / 2) * width
+        err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]])
+        axes[0].errorbar(
+            xs, part["value"], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, label=method
+        )
+    first = rank.drop_duplicates("metric").set_index("metric").reindex(metrics)
+    axes[0].scatter(x0, first["chance"], marker="_", s=300, color="k", label="chance", zorder=3)
+    axes[0].scatter(x0, first["oracle"], marker="x", s=30, color="r", label="oracle", zorder=3)
+    labels = [
+        f"{m.replace('_', ' ')}\n(n={int(n)}{'!' if n < 50 else ''})"
+        for m, n in zip(metrics, first["n_stays"])
+    ]
+    axes[0].set_xticks(x0, labels, fontsize=6, rotation=60, ha="right")
+    axes[0].set_ylim(-0.02, 1.05)
+    axes[0].set_ylabel("share of the group's stays (or of |attribution|)")
+    axes[0].set_title("carrying modality ranked first, with 95% bootstrap CIs", fontsize=10)
+    axes[0].legend(fontsize=7, ncol=2)
     df = per_stay.merge(truth, on="stay_id")
     for m in modalities:
         sel = df[f"has_{m}"].astype(bool)
-        axes[1].scatter(df.loc[sel, f"true_{m}"], df.loc[sel, f"shapley_{m}"], s=10, label=m)
+        axes[1].scatter(df.loc[sel, f"true_{m}"], df.loc[sel, f"shapley_{m}"], s=6, label=m)
     rho = faith[(faith["method"] == "shapley") & (faith["metric"] == "spearman_pooled")]["value"]
     axes[1].set_title(
         f"true effect vs Shapley (Spearman {float(rho.iloc[0]):.2f})"
@@ -179,6 +180,36 @@ def faithfulness_figure(
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].axvline(0, color="grey", lw=0.5)
     axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def synergy_figure(faith: pd.DataFrame):
+    """I2MoE synergy weight: synergy-driven vs other stays and their difference, with 95% CIs."""
+    rows = faith[faith["metric"].str.startswith("synergy_weight")].set_index("metric")
+    if rows.empty:
+        return None
+    fig = Figure(figsize=(7, 3))
+    axes = fig.subplots(1, 2)
+    names = [m for m in ("synergy_weight_pulm_x_inf", "synergy_weight_other") if m in rows.index]
+    for ax, keys, title in (
+        (axes[0], names, "mean synergy weight"),
+        (axes[1], ["synergy_weight_difference"], "difference (should be > 0)"),
+    ):
+        part = rows.reindex(keys)
+        err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]])
+        ax.errorbar(np.arange(len(keys)), part["value"], yerr=np.nan_to_num(err), fmt="o")
+        ax.set_xticks(
+            np.arange(len(keys)),
+            [
+                f"{k.removeprefix('synergy_weight_')}\n(n={int(n)})"
+                for k, n in zip(keys, part["n_stays"])
+            ],
+            fontsize=8,
+        )
+        ax.set_xlim(-0.6, len(keys) - 0.4)
+        ax.set_title(title, fontsize=10)
+    axes[1].axhline(0, color="grey", lw=0.8)
     fig.tight_layout()
     return fig
 

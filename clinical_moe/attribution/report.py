@@ -31,6 +31,41 @@ risk when one modality is dropped (positive = the modality raised the risk); not
 stay's only modality. Absent modalities get 0 (Shapley, IG).</p>"""
 
 
+FAITH_TEXT = """<p class="note"><b>How to read.</b> Each group holds stays whose risk the
+synthetic truth says one modality (or the CXR + EHR pair) should explain; the definitions used, and
+the number of stays, are in the first table (n &lt; 50 is flagged: read the CI, not the point).
+Per method and group: <i>top1_signed</i> = share of stays whose carrying modality has the largest
+signed attribution among the present modalities (a modality can "win" it because the others are
+negative); <i>top1_abs</i> = the same by |attribution|; <i>share</i> = mean share of the carrying
+modality (pair) in the total |attribution|; for the synergy group <i>top2</i> asks that CXR and EHR
+take the first two places (stays with at least three modalities). [ci_low, ci_high] is a 95%
+percentile bootstrap CI over the group's stays (seeded). <i>chance</i> = what a random ranking (an
+even split of |attribution|) gives; <i>oracle</i> = what the true per-modality effects give under
+the same figure: it is the reachable level, below 1 where the truth itself ranks another modality
+first (e.g. a pulmonary-only stay's ECG carries the negative effect of cardiac = 0). A faithful
+attribution sits near the oracle, well above chance.</p>"""
+
+FAITH_FIGURE_TEXT = """<p class="note"><b>Figure.</b> Left: each point is one method's figure for
+one group, its bar the 95% bootstrap CI; the black dash is chance, the red cross the oracle; x
+labels give the group's n (! = fewer than 50 stays). Right: one point per (stay, present modality),
+the true effect of the generative model (log-odds, centred on the corpus mean) against the
+modality's Shapley value; a faithful attribution lies along a rising line.</p>"""
+
+SYNERGY_TEXT = """<p class="note"><b>I2MoE synergy weight.</b> Mean weight of the synergy expert on
+synergy-driven stays (pulmonary = infection = 1) against the other stays that also have CXR and EHR
+(same modalities, so the renormalisation over present modalities does not enter), and the
+difference with a two-sample 95% bootstrap CI. The synergy expert is used where the interaction
+acts when the difference's CI lies above 0.</p>"""
+
+PROBE_TEXT = """<p class="note"><b>Encoder probes.</b> For each modality, a standardised logistic
+regression fitted on the masked-mean pooled output of its encoder (train stays that have the
+modality) predicts the latent factor the modality carries (CXR: pulmonary; ECG: cardiac; EHR:
+infection and severity above the train median; notes: severity above the median); AUROC on the
+evaluated split's stays with a 95% stratified bootstrap CI. 0.5 = the encoder's output says nothing
+linearly readable about the factor; near 1 = it is decoded. n_train / n_test are the stays used
+(capped, seeded draw).</p>"""
+
+
 def save_tables(tables: dict[str, pd.DataFrame], folder: str | Path) -> list[Path]:
     """Write every table as ``<name>.csv`` and ``<name>.parquet``; returns the files."""
     folder = Path(folder)
@@ -66,6 +101,8 @@ def make_figures(tables: dict[str, pd.DataFrame], modalities) -> dict[str, bytes
             truth[["stay_id", *[f"true_{m}" for m in modalities]]],
             modalities,
         )
+    if "faithfulness" in tables:
+        figs["synergy"] = plots.synergy_figure(tables["faithfulness"])
     return {k: _png(f) for k, f in figs.items() if f is not None}
 
 
@@ -86,6 +123,34 @@ def high_risk_stays(per_stay: pd.DataFrame, modalities, n: int = 10) -> pd.DataF
     """The ``n`` stays with the highest predicted risk: stay id, risk, label, pattern, Shapley."""
     cols = ["stay_id", "risk", "label", "pattern", *[f"shapley_{m}" for m in modalities]]
     return per_stay.sort_values("risk", ascending=False, kind="stable").head(n)[cols]
+
+
+def faithfulness_html(tables: dict[str, pd.DataFrame], figures: dict[str, bytes]) -> list[str]:
+    """HTML parts of the faithfulness, synergy and encoder probe sections, with captions."""
+    faith = tables["faithfulness"]
+    parts = ["<h2>Faithfulness against the synthetic truth</h2>"]
+    probe = tables.get("encoder_probe")
+    probe_parts = []
+    if probe is not None and not probe.empty:
+        probe_parts = ["<h2>Encoder probes</h2>", PROBE_TEXT, _table(probe)]
+    if "status" in set(faith["metric"]):
+        return [*parts, _table(faith), *probe_parts]
+    groups = tables.get("faithfulness_groups")
+    parts.append(FAITH_TEXT)
+    if groups is not None and not groups.empty:
+        parts += ["<h3>Groups (definitions as used)</h3>", _table(groups)]
+    parts += [FAITH_FIGURE_TEXT, _img(figures.get("faithfulness"), "faithfulness")]
+    rank = faith[~faith["metric"].str.startswith("synergy_weight")]
+    parts += ["<h3>Ranking figures with 95% CIs</h3>", _table(rank, max_rows=200)]
+    syn = faith[faith["metric"].str.startswith("synergy_weight")]
+    if not syn.empty:
+        parts += [
+            "<h3>I2MoE synergy weight</h3>",
+            SYNERGY_TEXT,
+            _img(figures.get("synergy"), "synergy"),
+            _table(syn),
+        ]
+    return parts + probe_parts
 
 
 def write_html(
@@ -128,10 +193,8 @@ def write_html(
             _img(figures.get("interactions"), "interactions"),
             _table(tables["interaction_summary"]),
         ]
+    parts += faithfulness_html(tables, figures)
     parts += [
-        "<h2>Faithfulness against the synthetic truth</h2>",
-        _img(figures.get("faithfulness"), "faithfulness"),
-        _table(tables["faithfulness"]),
         "<h2>Highest-risk stays (by stay id)</h2>",
         _table(high_risk_stays(tables["per_stay"], modalities)),
         "</body></html>",

@@ -138,7 +138,7 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
     assert (out / "figures" / "routing_layer0.png").is_file()
     faith = tables["faithfulness"]
     assert "status" not in set(faith["metric"])  # the synthetic truth was found
-    assert {"spearman_pooled", "cardiac_only_ecg_top1"} <= set(faith["metric"])
+    assert {"spearman_pooled", "cardiac_only_ecg_top1_abs"} <= set(faith["metric"])
 
     client, run_id = trained["client"], trained["run_id"]
     arts = _artifacts(client, run_id, "attribution")
