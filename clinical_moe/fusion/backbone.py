@@ -151,15 +151,25 @@ class GroupedBlock(nn.Module):
         d_model: Width D.
         num_heads: Attention heads.
         hidden: FFN width.
-        dropout: Dropout on attention probabilities, inside the FFN and on both residual branches.
+        dropout: Dropout inside the FFN and on both residual branches.
+        attn_dropout: Dropout on attention probabilities (None = ``dropout``). Any value > 0
+            makes CPU attention take the unfused path that materialises every ``T x T``
+            probability matrix (and a random mask of the same size) for backward.
     """
 
     def __init__(
-        self, num_groups: int, d_model: int, num_heads: int, hidden: int, dropout: float = 0.0
+        self,
+        num_groups: int,
+        d_model: int,
+        num_heads: int,
+        hidden: int,
+        dropout: float = 0.0,
+        attn_dropout: float | None = None,
     ) -> None:
         super().__init__()
+        attn_dropout = dropout if attn_dropout is None else attn_dropout
         self.norm1 = GroupedLayerNorm(num_groups, d_model)
-        self.attn = GroupedSelfAttention(num_groups, d_model, num_heads, dropout)
+        self.attn = GroupedSelfAttention(num_groups, d_model, num_heads, attn_dropout)
         self.norm2 = GroupedLayerNorm(num_groups, d_model)
         self.ffn = GroupedFFN(num_groups, d_model, hidden, dropout)
         self.drop = nn.Dropout(dropout)

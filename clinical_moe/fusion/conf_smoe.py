@@ -256,7 +256,9 @@ class ConfSMoE(FusionHead):
         num_experts: Experts per layer (paper 4 on MIMIC to 8).
         top_k: Experts per token (paper 2).
         hidden: Expert hidden width.
-        dropout: Dropout (paper 0.1-0.4).
+        dropout: Dropout (paper 0.1-0.4) on residual branches, in the experts and stage 2.
+        attn_dropout: Dropout on the self-attention probabilities (0 by default: on CPU any
+            value > 0 forces the unfused attention kernel that keeps a ``T x T`` matrix per head).
         gate: Router gate: ``"softmax"``, ``"laplace"`` or ``"gaussian"``.
         noisy: Noisy top-k selection in training.
         normalize: Divide the k confidences by their sum.
@@ -288,6 +290,7 @@ class ConfSMoE(FusionHead):
         top_k: int = 2,
         hidden: int = 64,
         dropout: float = 0.1,
+        attn_dropout: float = 0.0,
         gate: str = "softmax",
         noisy: bool = True,
         normalize: bool = False,
@@ -342,7 +345,7 @@ class ConfSMoE(FusionHead):
         self.type_embed = nn.Parameter(torch.randn(len(self.modalities), d_model) * 0.02)
         self.norm1 = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_layers))
         self.attn = nn.ModuleList(
-            GroupedSelfAttention(1, d_model, num_heads, dropout) for _ in range(num_layers)
+            GroupedSelfAttention(1, d_model, num_heads, attn_dropout) for _ in range(num_layers)
         )
         self.norm2 = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_layers))
         self.moe = nn.ModuleList(
