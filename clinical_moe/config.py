@@ -43,6 +43,24 @@ class DataConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     workers: int = 2  # preprocessing processes
     variables_file: str | None = None  # custom variable map CSV (default: the packaged one)
+    # Modality-native per-event targets (clinical_moe.data.targets): CheXpert findings per CXR,
+    # machine statements + intervals per ECG, stored in the cache for encoder training.
+    native_targets: bool = True  # read the label files when present (absent -> no targets)
+    cxr_label_source: str = "chexpert"  # chexpert | negbio (mimic-cxr-2.0.0-<source>.csv.gz)
+    chexpert_uncertain: str = "ignore"  # -1 labels: ignore (NaN) | ones | zeros
+    chexpert_blank: str = "zero"  # blank (not mentioned): zero (negative) | ignore (NaN)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "cxr_label_source": ("chexpert", "negbio"),
+            "chexpert_uncertain": ("ignore", "ones", "zeros"),
+            "chexpert_blank": ("zero", "ignore"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"data.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                )
 
 
 @dataclass

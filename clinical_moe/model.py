@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clinical_moe.encoders.base import ModalityEncoder
+from clinical_moe.encoders.base import FREEZE_MODES, ModalityEncoder
 from clinical_moe.fusion.base import FusionHead
 from clinical_moe.registry import ENCODERS, HEADS, closest
 from clinical_moe.types import DEFAULT_MODALITIES, Batch, FusionOutput, ModalityTokens
@@ -67,17 +67,30 @@ class MultimodalModel(nn.Module):
             T, D = toks.tokens.shape[1:]
             tokens = toks.tokens.new_zeros(B, T, D).index_copy(0, rows, toks.tokens)  # (B, T, D)
             mask = toks.mask.new_zeros(B, T).index_copy(0, rows, toks.mask)  # (B, T)
-            times = None
+            times = event_logits = None
             if toks.times is not None:
                 times = toks.times.new_zeros(B, T).index_copy(0, rows, toks.times)
-            out[name] = ModalityTokens(tokens, mask, times)
+            if toks.event_logits is not None:
+                ev = toks.event_logits  # (B_m, N, K)
+                event_logits = ev.new_zeros(B, *ev.shape[1:]).index_copy(0, rows, ev)  # (B, N, K)
+            out[name] = ModalityTokens(tokens, mask, times, event_logits)
         return out
 
-    def forward(self, batch: Batch) -> FusionOutput:
+    def forward(
+        self, batch: Batch, return_tokens: bool = False
+    ) -> FusionOutput | tuple[FusionOutput, dict[str, ModalityTokens]]:
+        """Encode the present modalities and fuse them.
+
+        Args:
+            batch: The mini-batch.
+            return_tokens: Also return the encoders' :class:`ModalityTokens` (with their per-event
+                target logits), for training losses on the encoders (through DDP's forward).
+        """
         check_nonempty(batch)
         tokens = self.encode(batch)
         labels = batch.labels if self.training else None  # evaluation never sees labels
-        return self.head(tokens, batch.present, labels=labels)
+        out = self.head(tokens, batch.present, labels=labels)
+        return (out, tokens) if return_tokens else out
 
 
 def list_models() -> list[str]:
@@ -107,7 +120,13 @@ def build_encoders(
     num_tokens: int,
     encoders: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, ModalityEncoder]:
-    """One encoder per modality from ``{modality: {"type": ..., **kwargs}}`` (missing -> defaults)."""
+    """One encoder per modality from ``{modality: {"type": ..., **kwargs}}`` (missing -> defaults).
+
+    Besides the encoder's own options, a modality's spec may hold ``pretrained: PATH`` (a state dict,
+    e.g. from ``clinical-moe pretrain``) and ``freeze``: ``true`` (the whole encoder; the file must
+    then match every tensor), ``"backbone"`` (the feature extractor only; the token projection
+    trains and may differ in shape from the file's, e.g. another ``d_model``) or ``false``.
+    """
     _import_builtins()
     encoders = dict(encoders or {})
     unknown = set(encoders) - set(modalities)
@@ -120,14 +139,21 @@ def build_encoders(
         kind = spec.pop("type", None) or default_encoder_type(name)
         pretrained = spec.pop("pretrained", None)
         freeze = spec.pop("freeze", False)
+        if not isinstance(freeze, (bool, str, type(None))) or freeze not in FREEZE_MODES:
+            raise ValueError(
+                f"encoders.{name}.freeze: {freeze!r} is not one of true, false, 'backbone'"
+            )
+        freeze = FREEZE_MODES[freeze]
         spec.setdefault("num_tokens", num_tokens)
         cls = ENCODERS.get(kind)
         _check_kwargs(cls, spec, f"encoder {kind!r}")
         enc = cls(d_model=d_model, **spec)
         if pretrained:
-            enc.load_pretrained(pretrained)
+            # Frozen whole: everything but the target head must match (a skipped projection would
+            # stay random and frozen). Otherwise the backbone must match and the rest may differ.
+            enc.load_pretrained(pretrained, require="all" if freeze == "all" else "backbone")
         if freeze:
-            enc.freeze()
+            enc.freeze(freeze)
         built[name] = enc
     return built
 

@@ -156,11 +156,15 @@ class ModalityTokens:
             absent for that sample.
         times: Optional ``FloatTensor[B, T_m]`` of token times in hours since ICU admission (used
             by event-token heads such as FuseMoE's mTAND).
+        event_logits: Optional ``FloatTensor[B, N, K]``: the encoder's logits of K modality-native
+            targets per event slot (e.g. CheXpert findings per image), for auxiliary training
+            losses only; heads never read them. Zero at padded slots and absent rows.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     times: torch.Tensor | None = None
+    event_logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -171,6 +175,13 @@ class ModalityTokens:
             )
         if self.mask.dtype != torch.bool:
             self.mask = self.mask.bool()
+        if self.event_logits is not None and (
+            self.event_logits.dim() != 3 or self.event_logits.shape[0] != self.tokens.shape[0]
+        ):
+            raise ValueError(
+                f"event_logits must be [B={self.tokens.shape[0]}, N, K], "
+                f"got {tuple(self.event_logits.shape)}"
+            )
 
     @property
     def present(self) -> torch.Tensor:

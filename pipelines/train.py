@@ -56,6 +56,7 @@ def config_hash(cfg: Config) -> str:
     """Hash of what decides the result (not where it is tracked or on which device)."""
     d = to_dict(cfg)
     d.pop("tracking")
+    d.pop("pretrain", None)  # `clinical-moe pretrain` settings; its files enter via model.encoders
     for key in ("checkpoint_dir", "device", "num_workers"):
         d["train"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]

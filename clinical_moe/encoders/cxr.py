@@ -67,6 +67,8 @@ class CXREncoder(EventMapEncoder):
         time_embed_dim: Size of the time embeddings.
         image_size: Side of the images drawn by :meth:`random_inputs`.
         num_events: Events N drawn by :meth:`random_inputs`.
+        num_targets: K per-event target logits from the pooled backbone feature
+            (``ModalityTokens.event_logits``; 0: no target head).
 
     In eval mode every backbone is deterministic and per-sample independent (the small backbone
     uses GroupNorm; DenseNet's BatchNorm uses running statistics in eval).
@@ -87,6 +89,7 @@ class CXREncoder(EventMapEncoder):
         time_embed_dim: int = 16,
         image_size: int = 32,
         num_events: int = 2,
+        num_targets: int = 0,
     ) -> None:
         if backbone not in BACKBONES:
             raise ValueError(f"unknown cxr backbone {backbone!r}; use one of {BACKBONES}")
@@ -101,6 +104,7 @@ class CXREncoder(EventMapEncoder):
             num_heads,
             time_embed_dim,
             vector_features=backbone == "precomputed",
+            num_targets=num_targets,
         )
         self.backbone_name = backbone
         self.input_key = "embedding" if backbone == "precomputed" else "image"

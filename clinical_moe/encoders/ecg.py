@@ -109,6 +109,8 @@ class ECGEncoder(EventMapEncoder):
         time_embed_dim: Size of the time embeddings.
         signal_length: S drawn by :meth:`random_inputs`.
         num_events: Events N drawn by :meth:`random_inputs`.
+        num_targets: K per-event target logits from the pooled backbone feature
+            (``ModalityTokens.event_logits``; 0: no target head).
     """
 
     input_key = "signal"
@@ -129,10 +131,18 @@ class ECGEncoder(EventMapEncoder):
         time_embed_dim: int = 16,
         signal_length: int = 500,
         num_events: int = 2,
+        num_targets: int = 0,
     ) -> None:
         channels = tuple(channels)
         super().__init__(
-            d_model, num_tokens, channels[-1], token_mode, window_hours, num_heads, time_embed_dim
+            d_model,
+            num_tokens,
+            channels[-1],
+            token_mode,
+            window_hours,
+            num_heads,
+            time_embed_dim,
+            num_targets=num_targets,
         )
         self.leads = leads
         self.signal_length = signal_length

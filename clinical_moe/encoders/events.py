@@ -9,6 +9,12 @@ events never reach it, then turns the per-event feature maps into T tokens in on
 - ``token_mode="event"`` (FuseMoE, Han et al. 2024): one embedding per event (global average of its
   feature map), then multi-time attention (mTAND, Shukla & Marlin 2021) over the events at their
   times -> T tokens at reference times evenly spaced over the window.
+
+With ``num_targets = K > 0`` the encoder also predicts K modality-native targets per event (e.g.
+CheXpert findings per image, machine ECG statements per recording) from the event's pooled
+backbone feature, before any token projection: ``ModalityTokens.event_logits (B, N, K)``. Only the
+training losses read these logits (heads never do), so the backbone learns its modality from labels
+richer than the task's; the head is one linear layer on a vector the encoder computes anyway.
 """
 
 from __future__ import annotations
@@ -71,6 +77,27 @@ class EventPool(nn.Module):
         return self.norm(pooled)
 
 
+class EventTargetHead(nn.Module):
+    """Per-event target logits: pooled backbone feature of each real event ``(n, C)`` -> ``(B, N, K)``.
+
+    Args:
+        feature_dim: Size C of the pooled per-event feature.
+        num_targets: K targets per event.
+    """
+
+    def __init__(self, feature_dim: int, num_targets: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(feature_dim, num_targets)
+
+    def forward(self, pooled: torch.Tensor, event_mask: torch.Tensor) -> torch.Tensor:
+        return scatter_events(self.linear(pooled), event_mask)  # (B, N, K); 0 at padded slots
+
+
+def pooled_feature(fmap: torch.Tensor) -> torch.Tensor:
+    """Global average of a feature map ``(n, C, *spatial)`` -> ``(n, C)`` (vectors pass through)."""
+    return fmap if fmap.dim() == 2 else fmap.flatten(2).mean(-1)
+
+
 def grid_shape(num_cells: int) -> tuple[int, int]:
     """The most square ``(rows, cols)`` with ``rows * cols == num_cells`` (e.g. 49 -> 7 x 7)."""
     rows = int(num_cells**0.5)
@@ -95,6 +122,7 @@ class EventMapEncoder(ModalityEncoder):
         time_embed_dim: Size of the time embeddings.
         vector_features: The backbone gives one vector ``(n, C)`` per event, not a map (e.g.
             precomputed embeddings); cell tokens are then a learned expansion ``C -> T x D``.
+        num_targets: K per-event target logits from the pooled backbone feature (0: none).
     """
 
     input_key = "image"
@@ -110,8 +138,13 @@ class EventMapEncoder(ModalityEncoder):
         num_heads: int,
         time_embed_dim: int,
         vector_features: bool = False,
+        num_targets: int = 0,
     ) -> None:
         super().__init__(d_model, num_tokens)
+        if num_targets < 0:
+            raise ValueError(f"num_targets must be >= 0, got {num_targets}")
+        self.num_targets = int(num_targets)
+        self.target_head = EventTargetHead(feature_dim, num_targets) if num_targets else None
         modes = (*self.cell_modes, "event")
         if token_mode not in modes:
             raise ValueError(f"unknown token_mode {token_mode!r}; use one of {modes}")
@@ -151,8 +184,11 @@ class EventMapEncoder(ModalityEncoder):
         times = inputs["times"].to(x.dtype if x.is_floating_point() else torch.float32)
         B = event_mask.shape[0]
         fmap = self.features(real_events(x, event_mask))  # (n, C, *spatial) or (n, C)
+        event_logits = None
+        if self.target_head is not None:
+            event_logits = self.target_head(pooled_feature(fmap), event_mask)  # (B, N, K)
         if self.token_mode == "event":
-            emb = fmap if fmap.dim() == 2 else fmap.flatten(2).mean(-1)  # (n, C)
+            emb = pooled_feature(fmap)  # (n, C)
             events = scatter_events(self.event_proj(emb), event_mask)  # (B, N, D)
             tokens, token_times = self.mtand(events, times, event_mask)  # (B, T, D), (B, T)
         else:
@@ -164,4 +200,4 @@ class EventMapEncoder(ModalityEncoder):
             tokens = self.pool(per_event, times, event_mask)  # (B, T, D)
             token_times = None
         mask = torch.ones(B, self.num_tokens, dtype=torch.bool, device=tokens.device)
-        return ModalityTokens(tokens, mask, token_times)
+        return ModalityTokens(tokens, mask, token_times, event_logits)

@@ -99,6 +99,7 @@ class NotesEncoder(ModalityEncoder):
     """
 
     padding = {"input_ids": "attention_mask", "attention_mask": "event_mask", "times": "event_mask"}
+    backbone_prefixes = ("embed.", "pos", "encoder.", "hf.")
 
     def __init__(
         self,

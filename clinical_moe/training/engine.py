@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from clinical_moe.config import Config
 from clinical_moe.data.dataset import CachedDataset, Collator
 from clinical_moe.metrics import classification_metrics, probabilities
-from clinical_moe.model import MultimodalModel, create_model
-from clinical_moe.registry import HEADS
+from clinical_moe.model import MultimodalModel, create_model, default_encoder_type
+from clinical_moe.registry import ENCODERS, HEADS
 from clinical_moe.tracking import NullLogger, RunLogger
 from clinical_moe.training import distributed as D
 from clinical_moe.training.checkpoint import (
@@ -44,7 +44,12 @@ from clinical_moe.training.checkpoint import (
     restore_rng,
     seed_everything,
 )
-from clinical_moe.training.losses import infer_task, num_classes_for, task_loss
+from clinical_moe.training.losses import (
+    encoder_target_losses,
+    infer_task,
+    num_classes_for,
+    task_loss,
+)
 from clinical_moe.training.routing_stats import RoutingStats
 from clinical_moe.training.sampling import TrainSampler, modality_dropout
 
@@ -65,10 +70,40 @@ class Data:
     task: str
     num_classes: int
     encoder_kwargs: dict = field(default_factory=dict)
+    targets: dict[str, list[str]] = field(default_factory=dict)  # per-event target names
+    continuous: dict[str, torch.Tensor] = field(default_factory=dict)  # (K,) bool per modality
+
+
+def cache_targets(store) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """Per-event target names of a cache by modality, and which are continuous (``(K,)`` bool).
+
+    Read from ``summary["targets"]`` (``{"cxr": [names], ...}``) and the optional
+    ``summary["target_kinds"]`` (per modality a ``{name: kind}`` mapping or a list aligned with the
+    names, or one flat ``{name: kind}``); a kind other than ``"continuous"`` counts as binary.
+    Old caches without targets give ``({}, {})``.
+    """
+    names = getattr(store, "target_names", None)
+    if names is None:
+        names = store.summary.get("targets") or {}
+    kinds = store.summary.get("target_kinds") or {}
+    out, continuous = {}, {}
+    for m, ns in names.items():
+        ns = list(ns or [])
+        if not ns:
+            continue
+        k = kinds.get(m, kinds)
+        if isinstance(k, (list, tuple)) and len(k) == len(ns):
+            flags = [kind == "continuous" for kind in k]
+        elif isinstance(k, dict):
+            flags = [k.get(n) == "continuous" for n in ns]
+        else:
+            flags = [False] * len(ns)
+        out[m], continuous[m] = ns, torch.tensor(flags, dtype=torch.bool)
+    return out, continuous
 
 
 def build_data(cfg: Config, cache_dir: str | Path) -> Data:
-    """Open the cache's splits and infer the task from its label columns."""
+    """Open the cache's splits, infer the task from its label columns, read its target names."""
     mods = list(cfg.data.modalities)
     train = CachedDataset(cache_dir, "train", mods)
     val = CachedDataset(cache_dir, "val", mods)
@@ -77,20 +112,43 @@ def build_data(cfg: Config, cache_dir: str | Path) -> Data:
     labels = train.store.manifest[train.label_columns].to_numpy(np.float64)
     task = infer_task(train.label_columns, labels)
     summary = train.store.summary.get("encoder_kwargs", {}) or {}
-    return Data(train, val, test, task, num_classes_for(task, train.label_columns, labels), summary)
+    targets, continuous = cache_targets(train.store)
+    n_classes = num_classes_for(task, train.label_columns, labels)
+    return Data(train, val, test, task, n_classes, summary, targets, continuous)
 
 
-def encoder_options(cfg: Config, cache_kwargs: dict) -> dict:
+def target_modalities(cfg: Config, targets: dict[str, list[str]]) -> list[str]:
+    """Modalities whose encoder gets a per-event target head and auxiliary loss in ``train``.
+
+    Those with a weight > 0 in ``train.encoder_aux``, targets in the cache, an encoder that takes
+    ``num_targets``, and a trainable backbone (a frozen backbone cannot learn from the loss).
+    """
+    out = []
+    for m in cfg.data.modalities:
+        spec = cfg.model.encoders.get(m) or {}
+        kind = spec.get("type") or default_encoder_type(m)
+        takes = "num_targets" in inspect.signature(ENCODERS.get(kind)).parameters
+        trainable = not spec.get("freeze")
+        if cfg.train.encoder_aux.get(m, 0) > 0 and targets.get(m) and takes and trainable:
+            out.append(m)
+    return out
+
+
+def encoder_options(cfg: Config, cache_kwargs: dict, targets: dict | None = None) -> dict:
     """``cfg.model.encoders`` + the cache's required encoder options, for the modalities used.
 
     The cache's options (e.g. the note vocabulary size) describe the data, so they win over the
-    config; they apply only to the default encoder type of a modality.
+    config; they apply only to the default encoder type of a modality. With the cache's per-event
+    ``targets``, encoders of :func:`target_modalities` get ``num_targets`` (their target head).
     """
     out = {}
+    with_targets = target_modalities(cfg, targets or {})
     for m in cfg.data.modalities:
         spec = dict(cfg.model.encoders.get(m) or {})
         if spec.get("type", m) == m:
             spec.update(cache_kwargs.get(m, {}))
+        if m in with_targets:
+            spec["num_targets"] = len(targets[m])
         if spec:
             out[m] = spec
     return out
@@ -107,7 +165,7 @@ def build_model(cfg: Config, data: Data) -> MultimodalModel:
         num_classes=data.num_classes,
         d_model=cfg.model.d_model,
         num_tokens=cfg.model.num_tokens,
-        encoders=encoder_options(cfg, data.encoder_kwargs),
+        encoders=encoder_options(cfg, data.encoder_kwargs, data.targets),
         **head,
     )
 
@@ -316,9 +374,12 @@ class Trainer:
                 modality_dropout(batch.present, t.modality_dropout, self.aug)
             )
         self.net.train()
-        out = self.net(batch)
+        out, tokens = self.net(batch, return_tokens=True)
         loss_task = task_loss(out.logits, batch.labels, self.data.task)
-        loss = loss_task + out.aux_loss
+        loss_enc, enc_parts = encoder_target_losses(
+            tokens, batch, t.encoder_aux, self.data.continuous
+        )
+        loss = loss_task + out.aux_loss + loss_enc
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
@@ -330,7 +391,9 @@ class Trainer:
         self.meters["train_loss"] += float(loss.detach()) * n
         self.meters["train_task_loss"] += float(loss_task.detach()) * n
         self.meters["train_aux_loss"] += float(out.aux_loss.detach()) * n
-        for k, v in out.extras.items():
+        if enc_parts:  # encoder target losses (weighted sum, and each modality's raw loss)
+            self.meters["train_encoder_aux_loss"] += float(loss_enc.detach()) * n
+        for k, v in {**out.extras, **enc_parts}.items():
             self.meters[f"train_{k}"] += float(torch.as_tensor(v).float().mean()) * n
 
     # -- epochs -------------------------------------------------------------------------------
