@@ -177,7 +177,8 @@ def build_cache(
     fp_file = cache_dir / "fingerprint.json"
     if fp_file.exists():
         old = json.loads(fp_file.read_text()).get("fingerprint")
-        if old != fp and resume:
+        # issue 15: a fingerprint with no shard beside it (a failed run) blocks nothing
+        if old != fp and resume and (cache_dir / "shards").is_dir():
             raise ValueError(
                 f"{cache_dir} holds a cache built with other data settings ({old} != {fp}); "
                 "delete it or choose another data.cache_dir"
@@ -187,9 +188,8 @@ def build_cache(
         logger.info("preprocess: %s is complete with these settings; nothing to do", cache_dir)
         return cache_dir
     summary_file.unlink(missing_ok=True)  # until this build ends, the cache is not complete
+    plan = plan_stays(cfg, quiet=quiet)  # table errors stop the run here, before any state
     write_json(fp_file, {"fingerprint": fp})
-
-    plan = plan_stays(cfg, quiet=quiet)
     stays = plan.stays
     tasks = []
     for k, start in enumerate(range(0, len(stays), shard_size)):

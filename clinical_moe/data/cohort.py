@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from clinical_moe.data import damage
 from clinical_moe.data.ehr import observed_stays
 from clinical_moe.data.tables import find_table, read_table
 
@@ -225,6 +226,33 @@ def _readmit30(df: pd.DataFrame, admissions: pd.DataFrame) -> pd.Series:
     return df["hadm_id"].map(flag).fillna(0).astype("int64")
 
 
+#: Plausible anchor_age range (MIMIC-IV caps ages at 91); outside it the patient row is dropped.
+AGE_RANGE = (0, 120)
+GENDERS = ("M", "F")
+
+
+def _impossible_facts(
+    patients: pd.DataFrame, admissions: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop or repair rows stating what cannot be true, counting each by reason.
+
+    An admission discharged before it began and a patient aged outside :data:`AGE_RANGE` are
+    dropped (their stays then fall under ``missing_admission`` / ``missing_patient``); a gender
+    other than M / F becomes unknown (the row is kept).
+    """
+    log = damage.current()
+    backwards = (admissions["dischtime"] < admissions["admittime"]).fillna(False)
+    log.rows("hosp/admissions", "dischtime_before_admittime", int(backwards.sum()))
+    age = patients["anchor_age"]
+    bad_age = ((age < AGE_RANGE[0]) | (age > AGE_RANGE[1])).fillna(False)
+    log.rows("hosp/patients", "anchor_age_out_of_range", int(bad_age.sum()))
+    gender = patients["gender"].astype("string").str.strip().str.upper()
+    unknown = gender.notna() & ~gender.isin(list(GENDERS)).fillna(False)
+    log.rows("hosp/patients", "unknown_gender", int(unknown.sum()))
+    patients = patients.assign(gender=gender.mask(unknown))
+    return patients[~bad_age.to_numpy()], admissions[~backwards.to_numpy()]
+
+
 def build_cohort(
     mimic_iv_root: str | Path,
     task: str = "ihm48",
@@ -264,7 +292,9 @@ def build_cohort(
         ValueError: Unknown task or bad split fractions.
         FileNotFoundError: patients / admissions / icustays (or diagnoses_icd for ``phenotype``)
             absent; the message names the table and the root.
-        clinical_moe.data.tables.TableError: Empty table or missing column (names column, file).
+        clinical_moe.data.tables.TableError: A required table damaged (truncated, corrupt), empty,
+            or missing a column: one line naming the file. Damaged rows are dropped and counted
+            in the :mod:`~clinical_moe.data.damage` ledger instead.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -277,6 +307,7 @@ def build_cohort(
         optional=["admission_type", "hospital_expire_flag"],
     )
     stays = read_table(root, "icu/icustays", _STAY_COLS)
+    patients, admissions = _impossible_facts(patients, admissions)
     diagnoses = None
     if task == "phenotype":
         diagnoses = read_table(

@@ -381,7 +381,9 @@ def read_cxr_metadata(cxr_root: str | PathLike[str], image_format: str = "auto")
     if image_format not in ("auto", "dcm", "jpg"):
         raise ValueError(f"image_format must be 'auto', 'dcm' or 'jpg', got {image_format!r}")
     csv = locate_table(cxr_root, METADATA_STEM)
-    meta = read_csv_table(csv, METADATA_DTYPES, METADATA_REQUIRED)
+    meta = read_csv_table(
+        csv, METADATA_DTYPES, METADATA_REQUIRED, keys=("dicom_id", "subject_id", "study_id")
+    )  # issue 15: a row with a blank id is dropped and counted, not fatal
     for col in ("dicom_id", "subject_id", "study_id"):
         if meta[col].isna().any():
             rows = meta.index[meta[col].isna()][:3].tolist()

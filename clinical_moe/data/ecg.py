@@ -302,6 +302,7 @@ def read_record_list(ecg_root: str | PathLike[str]) -> pd.DataFrame:
         RECORD_LIST_DTYPES,
         tuple(RECORD_LIST_DTYPES),
         datetimes={"ecg_time": "%Y-%m-%d %H:%M:%S"},
+        keys=("subject_id", "study_id", "path"),  # issue 15: blank id -> row dropped, counted
     )
     for col in ("subject_id", "study_id", "path"):
         if frame[col].isna().any():
@@ -330,6 +331,7 @@ def read_machine_measurements(ecg_root: str | PathLike[str]) -> pd.DataFrame | N
         dtypes,
         ("subject_id", "study_id", "ecg_time"),
         datetimes={"ecg_time": "%Y-%m-%d %H:%M:%S"},
+        keys=("subject_id", "study_id"),  # issue 15: blank id -> row dropped, counted
     )
     ids = {"subject_id", "study_id", "cart_id"}
     for col in frame.columns:

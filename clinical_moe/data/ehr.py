@@ -18,7 +18,6 @@ time. The result is an irregular, long-format event table (hours since ICU intim
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clinical_moe.data import damage
 from clinical_moe.data.ehr_variables import (
     DEFAULT_VARIABLES_FILE,
     SOURCES,
@@ -35,7 +35,7 @@ from clinical_moe.data.ehr_variables import (
     load_variables,
     variable_names,
 )
-from clinical_moe.data.tables import find_table, iter_table, parse_times
+from clinical_moe.data.tables import TableError, find_table, iter_table, parse_times
 
 __all__ = [
     "ADMISSION_TYPES",
@@ -167,8 +167,10 @@ def load_ehr_events(
         chunksize: Rows per chunk when streaming chartevents / labevents.
 
     Returns:
-        :class:`EhrEvents`. If chartevents (or labevents) is absent, a warning says vitals (labs)
-        are unavailable and the other table's events are still returned.
+        :class:`EhrEvents`. If chartevents (or labevents) is absent, damaged, empty or
+        header-only, a warning names the file and says vitals (labs) are unavailable, the table is
+        listed in ``missing_sources`` (and in the :mod:`~clinical_moe.data.damage` ledger), and the
+        other table's events are still returned. Damaged rows are dropped and counted there.
     """
     var_map = variables if isinstance(variables, pd.DataFrame) else load_variables(variables)
     names = variable_names(var_map)
@@ -180,29 +182,37 @@ def load_ehr_events(
         items = measured.loc[measured["source"] == source, "itemid"]
         if items.empty:
             continue
+        what = "vitals (chartevents variables)" if source == "chartevents" else "labs"
+        lost = f"{what} are unavailable; stays keep the events of the other tables"
         if find_table(mimic_iv_root, SOURCES[source], required=False) is None:
             missing.append(source)
-            what = "vitals (chartevents variables)" if source == "chartevents" else "labs"
-            msg = (
-                f"{SOURCES[source]} not found under {mimic_iv_root}: {what} are unavailable; "
-                "stays keep the events of the other tables"
+            damage.current().missing_source(
+                SOURCES[source], None, "absent", f"not found under {mimic_iv_root}", lost
             )
-            warnings.warn(msg, stacklevel=2)
-            logger.warning(msg)
             continue
         cols = ["stay_id", "itemid", "hours", "value", "valuenum"]
-        for chunk in _windowed_chunks(
-            mimic_iv_root,
-            source,
-            stays,
-            items,
-            ["value", "valuenum"],
-            window_start_hours,
-            window_hours,
-            chunksize,
-        ):
-            seen.update(chunk["stay_id"].unique().tolist())
-            parts.append(_numeric_events(clean_events(chunk[cols], measured, dropped), index_of))
+        source_parts, source_seen = [], set()
+        try:
+            for chunk in _windowed_chunks(
+                mimic_iv_root,
+                source,
+                stays,
+                items,
+                ["value", "valuenum"],
+                window_start_hours,
+                window_hours,
+                chunksize,
+            ):
+                source_seen.update(chunk["stay_id"].unique().tolist())
+                source_parts.append(
+                    _numeric_events(clean_events(chunk[cols], measured, dropped), index_of)
+                )
+        except TableError as err:  # an optional table: damaged = absent, for every stay alike
+            missing.append(source)
+            damage.current().missing_source(SOURCES[source], err.path, err.reason, err.detail, lost)
+            continue
+        parts += source_parts
+        seen |= source_seen
     # Numbers only from here on (32 bytes a row): per-row strings made this table several
     # times its size, and the copies below multiplied that (the 50k-patient memory peak).
     events = pd.concat(parts, ignore_index=True) if parts else _numeric_events(None, index_of)
@@ -272,10 +282,16 @@ def observed_stays(
         items = var_map.loc[var_map["source"] == source, "itemid"]
         if items.empty or find_table(mimic_iv_root, table, required=False) is None:
             continue
-        for chunk in _windowed_chunks(
-            mimic_iv_root, source, stays, items, [], 0.0, hours, chunksize
-        ):
-            found.update(int(s) for s in chunk["stay_id"].unique())
+        part: set[int] = set()
+        try:
+            for chunk in _windowed_chunks(
+                mimic_iv_root, source, stays, items, [], 0.0, hours, chunksize
+            ):
+                part.update(int(s) for s in chunk["stay_id"].unique())
+        except TableError as err:  # damaged = absent, as in load_ehr_events
+            damage.current().missing_source(table, err.path, err.reason, err.detail)
+            continue
+        found |= part
     return found
 
 

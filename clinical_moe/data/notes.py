@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinical_moe.data.tables import find_table, iter_table, parse_times
+from clinical_moe.data import damage
+from clinical_moe.data.tables import TableError, find_table, iter_table, parse_times
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,12 @@ def load_notes(
 
     Returns:
         Notes with :data:`NOTE_COLUMNS` (ids ``Int64``, text ``string``, times parsed), plus
-        ``source`` (the kind). Rows without charttime are dropped and counted in a warning (by
-        note_id); an absent file gives a warning and no rows.
+        ``source`` (the kind). Rows without a usable charttime are dropped and counted (by
+        reason, in the :mod:`~clinical_moe.data.damage` ledger); an absent, damaged, empty or
+        header-only file gives a warning naming it and no rows; an undecodable byte in a note is
+        replaced (the note is kept) and counted.
     """
+    log = damage.current()
     keep_subjects = None
     if subject_ids is not None:
         keep_subjects = pd.array(sorted({int(s) for s in subject_ids}), dtype="Int64")
@@ -66,17 +69,22 @@ def load_notes(
         if kind not in NOTE_KINDS:
             raise ValueError(f"unknown note kind {kind!r}; choose from {NOTE_KINDS}")
         table = f"note/{kind}"
+        lost = f"no {kind} notes will be used"
         path = find_table(note_root, table, required=False)
         if path is None:
-            msg = f"{table} not found under {note_root}: no {kind} notes will be used"
-            warnings.warn(msg, stacklevel=2)
-            logger.warning(msg)
+            log.missing_source(table, None, "absent", f"not found under {note_root}", lost)
             continue
-        for chunk in iter_table(note_root, table, NOTE_COLUMNS, chunksize=chunksize):
-            if keep_subjects is not None:
-                chunk = chunk[chunk["subject_id"].isin(keep_subjects)]
-            if not chunk.empty:
-                parts.append(parse_times(chunk.copy(), table, path).assign(source=kind))
+        kind_parts = []
+        try:
+            for chunk in iter_table(note_root, table, NOTE_COLUMNS, chunksize=chunksize):
+                if keep_subjects is not None:
+                    chunk = chunk[chunk["subject_id"].isin(keep_subjects)]
+                if not chunk.empty:
+                    kind_parts.append(parse_times(chunk.copy(), table, path).assign(source=kind))
+        except TableError as err:  # optional: a damaged / empty note file counts as absent
+            log.missing_source(table, err.path, err.reason, err.detail, lost)
+            continue
+        parts += kind_parts
     if not parts:
         empty = {
             c: pd.Series(dtype=t)

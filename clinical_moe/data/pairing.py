@@ -44,6 +44,7 @@ def read_csv_table(
     dtypes: Mapping[str, object],
     required: Sequence[str],
     datetimes: Mapping[str, str] | None = None,
+    keys: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Read a CSV index with explicit dtypes and fail loudly on anything unexpected.
 
@@ -52,47 +53,32 @@ def read_csv_table(
         dtypes: dtype per column, applied to those columns the file has; other columns are
             read with pandas' defaults.
         required: Columns that must exist (and, among ``dtypes`` ids, be parseable).
-        datetimes: ``{column: strftime format}`` to parse; a non-empty value that does not parse
-            is an error, an empty one becomes NaT.
+        datetimes: ``{column: strftime format}`` to parse; a row whose non-empty value does not
+            parse is dropped and counted (an error only when no row parses); empty -> NaT.
+        keys: Columns a row cannot do without (blank or unparseable: dropped and counted).
 
     Raises:
         LoaderError: ``missing_file``, ``empty`` (no header or no rows), ``missing_column`` or
             ``bad_value``, each naming the file and, where it applies, the column.
     """
+    from clinical_moe.data import damage
+    from clinical_moe.data.tables import read_csv_file
+
+    # issue 15: one table-reading path (clinical_moe.data.tables) for every CSV: damaged files
+    # raise one line naming the file; damaged rows are dropped and counted, not fatal.
     path = Path(path)
-    if not path.is_file():
-        raise LoaderError(path, "missing_file", "file does not exist")
-    try:
-        header = pd.read_csv(path, nrows=0)
-    except pd.errors.EmptyDataError as err:
-        raise LoaderError(path, "empty", "the CSV is empty (no header)") from err
-    missing = [c for c in required if c not in header.columns]
-    if missing:
-        raise LoaderError(
-            path,
-            "missing_column",
-            f"missing required column(s) {missing}; found {list(header.columns)}",
-        )
-    dtype = {c: t for c, t in dtypes.items() if c in header.columns}
-    try:
-        frame = pd.read_csv(path, dtype=dtype)
-    except (ValueError, TypeError) as err:
-        raise LoaderError(path, "bad_value", f"a column does not match its dtype: {err}") from err
-    if frame.empty:
-        raise LoaderError(path, "empty", "the CSV has a header but no rows")
+    frame = read_csv_file(path, dtypes, required, keys=keys, table=path.name)
     for col, fmt in (datetimes or {}).items():
         if col not in frame.columns:
             continue
         parsed = pd.to_datetime(frame[col], format=fmt, errors="coerce")
         bad = parsed.isna() & frame[col].notna()
-        if bad.any():
-            examples = frame.loc[bad, col].head(3).tolist()
+        if bad.all():
             raise LoaderError(
-                path,
-                "bad_value",
-                f"column {col!r}: {int(bad.sum())} value(s) not in format {fmt!r}, e.g. {examples}",
+                path, "bad_value", f"column {col!r}: no value in format {fmt!r} ({int(bad.sum())})"
             )
-        frame[col] = parsed
+        damage.current().rows(path.name, f"unparseable_{col}", int(bad.sum()), str(path))
+        frame = frame.assign(**{col: parsed})[~bad.to_numpy()].reset_index(drop=True)
     return frame
 
 

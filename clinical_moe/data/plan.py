@@ -15,8 +15,27 @@ import numpy as np
 import pandas as pd
 
 from clinical_moe.config import Config
+from clinical_moe.data import damage
+from clinical_moe.data.tables import read_optional
 
 logger = logging.getLogger(__name__)
+
+# issue 15: what an unusable optional CSV index becomes (no rows: the modality pairs nothing).
+_CXR_EMPTY = {
+    "dicom_id": "string",
+    "subject_id": "Int64",
+    "study_id": "Int64",
+    "ViewPosition": "string",
+    "study_datetime": "datetime64[ns]",
+    "path": "string",
+}
+_ECG_EMPTY = {
+    "subject_id": "Int64",
+    "study_id": "Int64",
+    "file_name": "string",
+    "ecg_time": "datetime64[ns]",
+    "path": "string",
+}
 
 RELEASES = {"ehr": "mimic-iv", "cxr": "mimic-cxr", "ecg": "mimic-iv-ecg", "notes": "mimic-iv-note"}
 
@@ -84,6 +103,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     from clinical_moe.data.ehr_variables import SOURCES
 
     d = cfg.data
+    log = damage.start()  # issue 15: missing sources / damaged rows of this pass, for the summary
     root = Path(d.root)
     mimic_iv = root / RELEASES["ehr"]
     if not mimic_iv.is_dir():
@@ -151,7 +171,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
 
         pairs = pair_cxr(
             cohort,
-            read_cxr_metadata(cxr_root),
+            read_optional("mimic-cxr/metadata", read_cxr_metadata, cxr_root, empty=_CXR_EMPTY),
             window_hours=d.window_hours,
             view_positions=d.cxr_view_positions,
             keep="last_n",
@@ -165,7 +185,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
 
         pairs = pair_ecg(
             cohort,
-            read_record_list(ecg_root),
+            read_optional("mimic-iv-ecg/record_list", read_record_list, ecg_root, empty=_ECG_EMPTY),
             window_hours=d.window_hours,
             keep="last_n",
             n=d.max_events,
@@ -180,6 +200,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         "ehr": {"num_variables": plan.num_variables, "num_static": plan.num_static},
         "notes": {"vocab_size": summary.get("notes", {}).get("vocab_size", d.note_vocab)},
     }
+    summary.update(log.finish(plan, d.modalities))  # issue 15: damage ledger + empty modalities
     plan.summary = summary
     return plan
 

@@ -186,11 +186,13 @@ def test_absent_chartevents_warns_and_keeps_labs(tmp_path):
 
 
 def test_missing_column_names_column_and_file(tmp_path):
+    # chartevents is optional (issue 15): a missing column makes it absent, with a warning
+    # naming the column and the file, and the labs are kept.
     root = MimicFactory.default().write(tmp_path, drop_columns={"icu/chartevents": ["valuenum"]})
-    with pytest.raises(TableError) as err:
-        load_ehr_events(root, _stays(root))
-    assert "valuenum" in str(err.value) and "chartevents.csv.gz" in str(err.value)
-    assert err.value.reason == "missing_column"
+    with pytest.warns(UserWarning, match=r"chartevents\.csv\.gz.*missing_column.*valuenum"):
+        ev = load_ehr_events(root, _stays(root))
+    assert ev.missing_sources == ("chartevents",)
+    assert _value(ev, 30001, 10, "Glucose") == [140.0]
 
 
 def test_user_variables_file(tmp_path, root):
