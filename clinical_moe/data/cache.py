@@ -42,6 +42,7 @@ class ShardTask:
     cxr: list[list[tuple[str, float]]]  # per stay [(path, hours)]
     ecg: list[list[tuple[str, float]]]
     notes: list[tuple[np.ndarray, np.ndarray] | None]  # per stay (ids (n, L), hours (n,))
+    targets: dict[str, list[np.ndarray | None]]  # modality -> per stay (n, K_m) native targets
     modalities: tuple[str, ...]
     num_events: int
     image_size: int
@@ -50,6 +51,7 @@ class ShardTask:
     num_variables: int
     num_static: int
     cache_dir: str
+    target_widths: dict[str, int] = field(default_factory=dict)  # modality -> K_m
     skips: list[dict] = field(default_factory=list)
 
 
@@ -65,9 +67,9 @@ def _read_images(items, image_size, skips, stay_id):
     from clinical_moe.data.cxr import cxr_transform, read_cxr, without_meta_tracking
 
     tf = cxr_transform(image_size)
-    arrays, times = [], []
+    arrays, times, kept = [], [], []
     with without_meta_tracking():
-        for path, hours in items:
+        for i, (path, hours) in enumerate(items):
             try:
                 img = tf(read_cxr(path))[0]  # (H, W) in [0, 1]
             except LoaderError as err:
@@ -79,14 +81,15 @@ def _read_images(items, image_size, skips, stay_id):
                 raise _unexpected("cxr", path, stay_id, err) from err
             arrays.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
             times.append(hours)
-    return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
+            kept.append(i)
+    return _stacked(arrays, times, kept)
 
 
 def _read_ecgs(items, ecg_samples, skips, stay_id):
     from clinical_moe.data.ecg import read_ecg
 
-    arrays, times = [], []
-    for path, hours in items:
+    arrays, times, kept = [], [], []
+    for i, (path, hours) in enumerate(items):
         try:
             # 10 s at the rate that gives ecg_samples (e.g. 1250 -> 125 Hz, anti-aliased)
             sig = read_ecg(path, fs=ecg_samples / 10.0).signal  # (12, S) mV
@@ -99,7 +102,25 @@ def _read_ecgs(items, ecg_samples, skips, stay_id):
             raise _unexpected("ecg", path, stay_id, err) from err
         arrays.append(sig.astype(np.float16))
         times.append(hours)
-    return (np.stack(arrays), np.asarray(times, np.float32)) if arrays else None
+        kept.append(i)
+    return _stacked(arrays, times, kept)
+
+
+def _stacked(arrays: list, times: list, kept: list[int]):
+    """``(arrays (n, ...), times (n,), kept (n,) indices into the stay's items)`` or None."""
+    if not arrays:
+        return None
+    return np.stack(arrays), np.asarray(times, np.float32), np.asarray(kept, np.int64)
+
+
+def _with_targets(decoded, targets: np.ndarray | None):
+    """Attach the target rows of the events that decoded (a skipped file drops its row too)."""
+    if decoded is None:
+        return None
+    arrays, times, kept = decoded
+    if targets is None:
+        return arrays, times
+    return arrays, times, targets[kept]  # (n, K)
 
 
 def write_shard(task: ShardTask) -> tuple[pd.DataFrame, list[dict]]:
@@ -117,27 +138,45 @@ def write_shard(task: ShardTask) -> tuple[pd.DataFrame, list[dict]]:
         shapes,
         task.num_variables,
         task.num_static,
+        target_widths=task.target_widths,
     )
     skips: list[dict] = []
     for i, meta in enumerate(task.meta):
         sid = meta["stay_id"]
         events = {}
         if "cxr" in task.modalities and task.cxr[i]:
-            events["cxr"] = _read_images(task.cxr[i], task.image_size, skips, sid)
+            events["cxr"] = _with_targets(
+                _read_images(task.cxr[i], task.image_size, skips, sid), _target(task, "cxr", i)
+            )
         if "ecg" in task.modalities and task.ecg[i]:
-            events["ecg"] = _read_ecgs(task.ecg[i], task.ecg_samples, skips, sid)
+            events["ecg"] = _with_targets(
+                _read_ecgs(task.ecg[i], task.ecg_samples, skips, sid), _target(task, "ecg", i)
+            )
         if "notes" in task.modalities and task.notes[i] is not None:
             events["notes"] = task.notes[i]
         writer.add(meta, ehr=task.ehr[i] if "ehr" in task.modalities else None, events=events)
     return writer.close(skips), skips
 
 
+def _target(task: ShardTask, modality: str, i: int) -> np.ndarray | None:
+    per_stay = task.targets.get(modality)
+    return None if per_stay is None else per_stay[i]
+
+
 def _fingerprint(cfg: Config) -> str:
-    """Hash of everything that decides the cache content (resume refuses a different one)."""
+    """Hash of everything that decides the cache content (resume refuses a different one).
+
+    The native-target options (``native_targets``, ``cxr_label_source``, ``chexpert_uncertain``,
+    ``chexpert_blank``) are data fields, so they count; so does the targets' format version, so a
+    cache written by an older vocabulary or parser is rebuilt rather than reused.
+    """
+    from clinical_moe.data.targets import TARGETS_VERSION
+
     d = asdict(cfg.data)
     for key in ("cache_dir", "workers"):
         d.pop(key)
     d["seed"] = cfg.seed
+    d["targets_version"] = TARGETS_VERSION if cfg.data.native_targets else None
     return sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -205,6 +244,7 @@ def build_cache(
                 cxr=[plan.cxr.get(s, []) for s in ids],
                 ecg=[plan.ecg.get(s, []) for s in ids],
                 notes=[plan.notes.get(s) for s in ids],
+                targets={m: [t.get(s) for s in ids] for m, t in plan.targets.items()},
                 modalities=tuple(d.modalities),
                 num_events=d.max_events,
                 image_size=d.image_size,
@@ -213,6 +253,7 @@ def build_cache(
                 num_variables=plan.num_variables,
                 num_static=plan.num_static,
                 cache_dir=str(cache_dir),
+                target_widths={m: len(n) for m, n in plan.target_names.items()},
             )
         )
     n_shards = -(-len(stays) // shard_size)

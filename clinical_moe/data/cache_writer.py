@@ -26,6 +26,9 @@ class ShardWriter:
         event_shapes: Per event modality, the shape of one event's array (e.g. cxr (H, W)).
         num_variables: EHR variables V.
         num_static: EHR static features S.
+        target_widths: Per event modality with native targets, their number K_m; those
+            modalities get a ``<m>_targets.npy`` ``(n, N, K_m)`` float32 array, NaN where unknown
+            (padded slots included).
     """
 
     DTYPES = {"cxr": np.uint8, "ecg": np.float16, "notes": np.int32}
@@ -39,6 +42,7 @@ class ShardWriter:
         event_shapes: dict[str, tuple[int, ...]],
         num_variables: int,
         num_static: int,
+        target_widths: dict[str, int] | None = None,
     ):
         self.path = shard_dir(cache_dir, shard)
         self.shard = shard
@@ -52,6 +56,8 @@ class ShardWriter:
         self.events: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
         self.times: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
         self.masks: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
+        self.target_widths = {m: k for m, k in (target_widths or {}).items() if m in self.events}
+        self.targets: dict[str, list[np.ndarray]] = {m: [] for m in self.target_widths}
 
     def add(self, meta: dict, ehr: dict | None = None, events: dict | None = None) -> None:
         """Add one stay.
@@ -59,7 +65,8 @@ class ShardWriter:
         Args:
             meta: Manifest fields (stay_id, subject_id, split, labels, ...).
             ehr: ``{"values" (L, V), "obs_mask" (L, V), "times" (L,), "static" (S,)}`` or None.
-            events: ``{modality: (arrays (n, *shape), times (n,))}`` with n <= N, or missing keys.
+            events: ``{modality: (arrays (n, *shape), times (n,)[, targets (n, K)])}`` or missing
+                keys. More than N events keep the last N.
         """
         events = events or {}
         row = dict(meta)
@@ -92,10 +99,17 @@ class ShardWriter:
             arr = np.zeros((self.N, *shape), self.DTYPES[m])
             t = np.zeros(self.N, np.float32)
             mask = np.zeros(self.N, bool)
+            target = None
+            if m in self.target_widths:
+                target = np.full((self.N, self.target_widths[m]), np.nan, np.float32)  # (N, K)
             if m in events and events[m] is not None and len(events[m][0]):
-                data, times = events[m]
+                data, times = events[m][:2]
                 n = min(len(data), self.N)
                 arr[:n], t[:n], mask[:n] = data[-n:], times[-n:], True
+                if target is not None and len(events[m]) > 2 and events[m][2] is not None:
+                    target[:n] = events[m][2][-n:]
+            if target is not None:
+                self.targets[m].append(target)
             row[f"has_{m}"] = bool(mask.any())
             self.events[m].append(arr)
             self.times[m].append(t)
@@ -147,6 +161,11 @@ class ShardWriter:
             save_array(
                 self.path / f"{m}_event_mask.npy",
                 np.stack(self.masks[m]) if n else np.zeros((0, self.N), bool),
+            )
+        for m, k in self.target_widths.items():
+            save_array(
+                self.path / f"{m}_targets.npy",
+                np.stack(self.targets[m]) if n else np.zeros((0, self.N, k), np.float32),
             )
         meta = pd.DataFrame(self.rows)
         meta.to_parquet(self.path / "meta.parquet", index=False)

@@ -97,7 +97,8 @@ def collate(
     """Pad a list of samples into a :class:`Batch`; absent modalities become zero rows.
 
     EHR time points are padded to the longest stay in the batch (``time_mask`` marks real ones);
-    event modalities already have a fixed number of event slots (``event_mask``).
+    event modalities already have a fixed number of event slots (``event_mask``). Native targets
+    (``inputs["cxr"]["targets"]`` float ``(B, N, K)``) are NaN for absent stays and padded slots.
 
     Args:
         samples: Items of :class:`CachedDataset`.
@@ -141,7 +142,9 @@ def collate(
         else:
             arrays = {}
             for key, ref in tmpl.items():
-                out = np.zeros((B, *ref.shape), ref.dtype)
+                # native targets: NaN (unknown) for absent stays, like their padded slots
+                fill = np.nan if key == "targets" else 0
+                out = np.full((B, *ref.shape), fill, ref.dtype)
                 for b, s in enumerate(samples):
                     if s[name] is not None:
                         out[b] = s[name][key]

@@ -49,6 +49,9 @@ class StayPlan:
         label_columns: Label columns of the task.
         ehr: stay_id -> raw EHR arrays (values, obs_mask, times, static) for stays with events.
         cxr / ecg: stay_id -> [(absolute file path, hours since intime)], oldest first.
+        targets: modality -> stay_id -> float32 ``(n, K_m)`` native targets of those events, row
+            for row (NaN = unknown); only for modalities whose label file was read.
+        target_names: modality -> target names (the K_m columns), same keys as ``targets``.
         notes: stay_id -> (token ids (n, L) int32, hours (n,)) of the notes before prediction time.
         num_variables / num_static: EHR widths V and S.
         summary: Counts for the preprocessing summary (no patient text).
@@ -60,6 +63,8 @@ class StayPlan:
     cxr: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
     ecg: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
     notes: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    targets: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    target_names: dict[str, list[str]] = field(default_factory=dict)
     num_variables: int = 0
     num_static: int = 0
     summary: dict = field(default_factory=dict)
@@ -75,15 +80,35 @@ class StayPlan:
         return out.to_dict("records")
 
 
-def _events_by_stay(pairs: pd.DataFrame | None, root: Path) -> dict[int, list[tuple[str, float]]]:
+def _events_by_stay(
+    pairs: pd.DataFrame | None, root: Path, targets: np.ndarray | None = None
+) -> tuple[dict[int, list[tuple[str, float]]], dict[int, np.ndarray]]:
+    """Group paired events by stay (oldest first), with their target rows in the same order.
+
+    Args:
+        pairs: Output of a ``pair_*`` function.
+        root: The release folder the relative paths start from.
+        targets: float32 ``(len(pairs), K)`` aligned with ``pairs``' rows, or None.
+
+    Returns:
+        ``(events, targets)``: stay_id -> [(path, hours)] and stay_id -> ``(n, K)`` (empty when
+        ``targets`` is None).
+    """
     if pairs is None or pairs.empty:
-        return {}
-    pairs = pairs.sort_values(["stay_id", "hours"], kind="stable")
+        return {}, {}
+    pairs = pairs.reset_index(drop=True).sort_values(["stay_id", "hours"], kind="stable")
+    order = pairs.index.to_numpy()  # row of each sorted event in the input
     paths = [str(root / p) for p in pairs["path"].astype(str)]
     out: dict[int, list[tuple[str, float]]] = {}
-    for sid, path, hours in zip(pairs["stay_id"].astype(int), paths, pairs["hours"].astype(float)):
+    rows: dict[int, list[int]] = {}
+    for i, sid, path, hours in zip(
+        order, pairs["stay_id"].astype(int), paths, pairs["hours"].astype(float)
+    ):
         out.setdefault(int(sid), []).append((path, hours))
-    return out
+        rows.setdefault(int(sid), []).append(int(i))
+    if targets is None:
+        return out, {}
+    return out, {sid: targets[idx] for sid, idx in rows.items()}  # (n, K) per stay
 
 
 def _release(root: Path, modality: str) -> Path | None:
@@ -140,6 +165,11 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         "label_columns": label_columns,
         "cohort_exclusions": dict(cohort.attrs.get("exclusions", {})),
         "label_prevalence": {c: float(cohort[c].mean()) for c in label_columns},
+        # modality-native per-event targets (filled by clinical_moe.data.targets when read)
+        "targets": {},
+        "target_kinds": {},
+        "target_stats": {},
+        "target_counts": {},
     }
 
     # EHR time series + static features
@@ -177,7 +207,14 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
             keep="last_n",
             n=d.max_events,
         )
-        plan.cxr = _events_by_stay(pairs, cxr_root)
+        targets = None
+        if d.native_targets:
+            from clinical_moe.data.targets import cxr_event_targets
+
+            targets = cxr_event_targets(pairs, cxr_root, cohort, d, summary)
+        plan.cxr, by_stay = _events_by_stay(pairs, cxr_root, targets)
+        if targets is not None:
+            plan.targets["cxr"] = by_stay
         summary["cxr"] = {"paired_images": int(len(pairs)), "stays": len(plan.cxr)}
 
     if "ecg" in modalities and (ecg_root := _release(root, "ecg")) is not None:
@@ -190,12 +227,20 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
             keep="last_n",
             n=d.max_events,
         )
-        plan.ecg = _events_by_stay(pairs, ecg_root)
+        targets = None
+        if d.native_targets:
+            from clinical_moe.data.targets import ecg_event_targets
+
+            targets = ecg_event_targets(pairs, ecg_root, cohort, summary)
+        plan.ecg, by_stay = _events_by_stay(pairs, ecg_root, targets)
+        if targets is not None:
+            plan.targets["ecg"] = by_stay
         summary["ecg"] = {"paired_records": int(len(pairs)), "stays": len(plan.ecg)}
 
     if "notes" in modalities and (note_root := _release(root, "notes")) is not None:
         plan.notes, summary["notes"] = _plan_notes(cohort, note_root, d)
 
+    plan.target_names = {m: summary["targets"][m] for m in plan.targets}
     summary["encoder_kwargs"] = {
         "ehr": {"num_variables": plan.num_variables, "num_static": plan.num_static},
         "notes": {"vocab_size": summary.get("notes", {}).get("vocab_size", d.note_vocab)},

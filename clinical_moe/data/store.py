@@ -11,6 +11,8 @@ A cache directory holds::
         ehr_offsets.npy (n + 1,) int64      ehr_static.npy (n, S) float32
         cxr_image.npy (n, N, H, W) uint8    ecg_signal.npy (n, N, 12, S) float16
         notes_ids.npy (n, N, L) int32       <m>_times.npy (n, N) float32   <m>_event_mask.npy (n, N) bool
+        <m>_targets.npy (n, N, K_m) float32 modality-native targets of cxr / ecg events, NaN =
+                                            unknown (names, kinds, stats in summary.json)
         meta.parquet  the shard's manifest rows       DONE  marker: the shard is complete
 
 Arrays are memory-mapped on read, so a dataset of any size opens instantly and reads lazily.
@@ -94,6 +96,14 @@ class CacheStore:
         return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
 
     @property
+    def target_names(self) -> dict[str, list[str]]:
+        """Modality -> names of its native per-event targets (``read(...)["targets"]`` columns).
+
+        Empty for caches written before targets existed or without label files.
+        """
+        return {m: list(v) for m, v in self.summary.get("targets", {}).items()}
+
+    @property
     def label_columns(self) -> list[str]:
         return list(self.summary.get("label_columns", ["label"]))
 
@@ -109,7 +119,11 @@ class CacheStore:
         return state
 
     def read(self, modality: str, shard: int, row: int) -> dict[str, np.ndarray]:
-        """Raw (unpadded) arrays of one stay's modality, in the model's input schema."""
+        """Raw (unpadded) arrays of one stay's modality, in the model's input schema.
+
+        Event modalities give ``times`` (N,), ``event_mask`` (N,), their data and, where the cache
+        holds native labels (cxr, ecg), ``targets`` float32 (N, K_m) with NaN where unknown.
+        """
         s = self.shard(shard)
         if modality == "ehr":
             off = s.array("ehr_offsets")
@@ -130,6 +144,9 @@ class CacheStore:
             "times": np.array(s.array(f"{modality}_times")[row], dtype=np.float32),
             "event_mask": np.array(s.array(f"{modality}_event_mask")[row], dtype=bool),
         }
+        targets = s.array(f"{modality}_targets")
+        if targets is not None:
+            out["targets"] = np.array(targets[row], dtype=np.float32)  # (N, K_m), NaN = unknown
         data = np.asarray(s.array(EVENT_ARRAY[modality])[row])
         if modality == "cxr":
             out["image"] = (data.astype(np.float32) / 255.0)[:, None]  # (N, 1, H, W)

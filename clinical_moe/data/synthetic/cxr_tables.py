@@ -53,7 +53,10 @@ def chexpert_row(rng: np.random.Generator, findings: dict) -> dict:
         row["Support Devices"] = 1.0
     if rng.random() < 0.4:
         row["Pneumothorax"] = 0.0
-    if not any(v == 1.0 or v == -1.0 for v in row.values()):
+    # As the CheXpert labeler does: "No Finding" when no pathology is positive or uncertain;
+    # support devices are not a pathology, so they do not veto it.
+    pathologies = (v for k, v in row.items() if k != "Support Devices")
+    if not any(v == 1.0 or v == -1.0 for v in pathologies):
         row["No Finding"] = 1.0
     return row
 

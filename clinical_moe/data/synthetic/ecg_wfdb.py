@@ -200,8 +200,12 @@ def write_record(
 def machine_report(rng: np.random.Generator, ph: dict, intervals: dict) -> list[str]:
     """Machine statements (report_0..), mostly faithful to the phenotype."""
     hr = 60000 / intervals["rr"]
-    if ph["af"]:
+    if ph["af"]:  # carts name the ventricular rate of AF, as they do a sinus rate
         out = ["Atrial fibrillation"]
+        if hr > 100:
+            out = ["Atrial fibrillation with rapid ventricular response"]
+        elif hr < 60:
+            out = ["Atrial fibrillation with slow ventricular response"]
     elif hr > 100:
         out = ["Sinus tachycardia"]
     elif hr < 60:
