@@ -423,8 +423,19 @@ def test_sample_truth_matches_the_written_truth(tables):
     fast = sample_truth(N_PATIENTS, seed=SEED)
     written = tables["truth_stays"]
     assert list(fast.columns) == list(written.columns)
+    # observed_risk: sample_truth renders no study, so its per-study CXR findings are stand-in
+    # draws; the ceiling agrees exactly wherever no CXR is present (issue 12)
+    no_cxr = (written["n_cxr"] == 0).to_numpy()
+    np.testing.assert_allclose(
+        fast["observed_risk"].to_numpy()[no_cxr], written["observed_risk"].to_numpy()[no_cxr]
+    )
+    assert np.isfinite(written["observed_risk"]).all()
     pd.testing.assert_frame_equal(
-        fast.reset_index(drop=True), written, check_dtype=False, check_exact=False, rtol=1e-9
+        fast.reset_index(drop=True).drop(columns="observed_risk"),
+        written.drop(columns="observed_risk"),
+        check_dtype=False,
+        check_exact=False,
+        rtol=1e-9,
     )
 
 

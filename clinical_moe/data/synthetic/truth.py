@@ -2,7 +2,8 @@
 ``truth/effects.json``.
 
 ``truth/stays.csv.gz`` has one row per ICU stay: the latent factors, the true risk
-p(death | latents, age), the labels, cohort flags and which modalities the stay has inside the
+p(death | latents, age), the observed risk (the ceiling: E[true risk | what the stay's present
+modalities reveal, and which are present], see :mod:`.ceiling`), the labels, cohort flags and which modalities the stay has inside the
 pairing window. It depends on the plan only, so :func:`sample_truth` reproduces it without
 rendering anything.
 """
@@ -29,6 +30,7 @@ STAY_COLUMNS = [
     "pulmonary",
     "infection",
     "true_risk",
+    "observed_risk",
     "label_mortality",
     "label_los3",
     "label_los7",
@@ -144,13 +146,15 @@ def sample_truth(n_patients: int, seed: int, **config) -> pd.DataFrame:
             ``window_hours``).
 
     Returns:
-        The ``truth/stays`` table.
+        The ``truth/stays`` table. Its ``observed_risk`` uses stand-in draws of the per-study
+        channels (nothing is rendered), so it equals a written corpus's in distribution only.
     """
     cfg = SynthConfig(n_patients=n_patients, seed=seed, **config)
     cfg.validate()
-    return pd.concat(
-        [stays_truth(plan_shard(cfg, k)) for k in range(cfg.n_shards())], ignore_index=True
-    )
+    from clinical_moe.data.synthetic.observer import add_observed_risk
+
+    stays = [stays_truth(plan_shard(cfg, k)) for k in range(cfg.n_shards())]
+    return add_observed_risk(pd.concat(stays, ignore_index=True))
 
 
 def oracle_auroc(stays: pd.DataFrame, cohort: str | None = "in_ihm48") -> float:

@@ -34,6 +34,7 @@ from clinical_moe.data.synthetic.ehr_tables import (
     patients_table,
 )
 from clinical_moe.data.synthetic.notes_text import notes_shard
+from clinical_moe.data.synthetic.observer import add_observed_risk
 from clinical_moe.data.synthetic.plan import plan_shard, shard_rngs
 from clinical_moe.data.synthetic.schema import COLUMNS, TABLE_PATHS
 from clinical_moe.data.synthetic.truth import (
@@ -100,8 +101,9 @@ def make_shard(cfg: SynthConfig, shard_index: int, out_dir: str) -> dict:
     tables.update(cxr_tabs)
     tables.update(ecg_tabs)
     tables.update(note_tabs)
-    tables["truth_stays"] = stays_truth(plan)
     tables["truth_studies"] = studies_truth(cxr_truth + ecg_truth + note_truth)
+    # the ceiling (observed_risk) reads the shard's recorded study findings
+    tables["truth_stays"] = add_observed_risk(stays_truth(plan), tables["truth_studies"])
     for name, df in tables.items():
         part = root / PARTS_DIR / name / f"{shard_index:06d}.csv"
         part.parent.mkdir(parents=True, exist_ok=True)
