@@ -277,3 +277,24 @@ def test_bench_quality_targets():
         "fusemoe"
     ]
     assert abs(out["heads"]["concat"]["auroc_drop_mcar0.5"] - 0.3) < 1e-9
+
+
+def test_bench_shapes_quick(tmp_path):
+    from benchmarks import bench_shapes
+
+    out = tmp_path / "shapes.json"
+    report = bench_shapes.main(["--quick", "--out", str(out)])
+    check_environment(report)
+    check_written(report, out)
+    rows = {r["name"]: r for r in report["shapes"]}
+    assert set(rows) == {s.name for s in bench_shapes.SHAPES}
+    assert {r["head"] for r in rows.values()} == {"fusemoe", "flex_moe", "conf_smoe", "i2moe"}
+    for r in rows.values():
+        for key in ("params", "train_ms", "eval_ms", "peak_rss_mb", "matmul_gflops"):
+            assert positive(r[key]), (r["name"], key, r[key])
+        for key in ("train_gflop", "eval_gflop", "train_flop_fraction", "eval_flop_fraction"):
+            assert positive(r[key]), (r["name"], key, r[key])
+        assert r["train_gflop"] > r["eval_gflop"]  # backward counted
+        assert r["reference_s"] and isinstance(r["meets_memory"], bool)
+    assert positive(report["matmul_gflops_max"])
+    assert set(report["targets"]) >= {"all_speed", "all_memory", "all_flop_fraction"}
