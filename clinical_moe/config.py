@@ -346,6 +346,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"unknown config key 'model.head.{key}'{closest(key, valid)}")
     if not cfg.data.modalities:
         raise ConfigError("data.modalities: at least one modality is required")
+    _validate_modalities_and_head(cfg)
     if cfg.data.task not in ("ihm48", "los3", "los7", "phenotype"):
         raise ConfigError(f"data.task: unknown task {cfg.data.task!r}")
     if cfg.train.scheduler not in ("cosine", "constant"):
@@ -371,6 +372,43 @@ def validate(cfg: Config) -> None:
     _validate_encoder_aux(cfg)
     if abs(sum(cfg.data.split_fractions) - 1.0) > 1e-6 or len(cfg.data.split_fractions) != 3:
         raise ConfigError("data.split_fractions: three fractions (train, val, test) summing to 1")
+
+
+#: Modalities the data pipeline can read (one MIMIC release each).
+DATA_MODALITIES = ("ehr", "cxr", "ecg", "notes")
+
+
+def _validate_modalities_and_head(cfg: Config) -> None:
+    """Modality names exist, and the head accepts its arguments (built once, on CPU, tiny).
+
+    Runs before any data work or tracking run, so that e.g. ``model.head.top_k=9`` with 4
+    experts fails at once, naming the key.
+    """
+    mods = list(cfg.data.modalities)
+    for m in mods:
+        if m not in DATA_MODALITIES:
+            raise ConfigError(
+                f"data.modalities: unknown modality {m!r}{closest(str(m), DATA_MODALITIES)}; "
+                f"choose from {', '.join(DATA_MODALITIES)}"
+            )
+    if len(set(mods)) != len(mods):
+        raise ConfigError(f"data.modalities: a modality is listed twice in {mods}")
+    from clinical_moe.registry import HEADS
+
+    try:
+        HEADS.get(cfg.model.name)(
+            modalities=tuple(mods),
+            d_model=cfg.model.d_model,
+            num_classes=1,
+            num_tokens={m: cfg.model.num_tokens for m in mods},
+            **cfg.model.head,
+        )
+    except (ValueError, TypeError, AssertionError) as err:
+        head = ", ".join(f"model.head.{k}={v!r}" for k, v in cfg.model.head.items())
+        raise ConfigError(
+            f"model: the {cfg.model.name!r} head rejects its settings ({head or 'defaults'}, "
+            f"model.d_model={cfg.model.d_model}): {err}"
+        ) from None
 
 
 def _validate_encoder_aux(cfg: Config) -> None:

@@ -50,7 +50,8 @@ def _from_checkpoint_file(path: Path) -> tuple[Config, dict, str | None, str]:
     config_file = path.parent / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{path}: no config.yaml beside the checkpoint; pass the run's config with --config"
+            f"{path}: no config.yaml beside the checkpoint (training writes it there); copy the "
+            "run's config.yaml next to it, or evaluate the MLflow run with --run-id ID"
         )
     cfg = load_config(yaml.safe_load(config_file.read_text()))
     state = load_checkpoint(path)

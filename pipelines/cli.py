@@ -40,8 +40,30 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print(f"clinical-moe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise  # --log-level DEBUG shows the traceback
+        print(f"clinical-moe {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+#: Errors a user can fix (a key, a path, a damaged file, a missing package): reported in one line
+#: naming the key or file, without a traceback (``--log-level DEBUG`` shows it). Loader, table,
+#: config and checkpoint errors all derive from ValueError.
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (KeyError's quotes dropped), never empty."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(str(text).split())
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 Reads the corpus at ``data.root`` (MIMIC layout, real or synthetic), writes arrays and a manifest to
 ``data.cache_dir``, and prints the summary: stays per split, modalities present, and every file
 skipped with its reason. Re-running resumes an interrupted pass.
+
+A damaged required table (patients, admissions, icustays) stops the pass with one line naming the
+file; a damaged, empty or header-only optional table is treated as absent (printed as a missing
+source); damaged rows are dropped or repaired and counted by reason (``summary.json``:
+``missing_sources``, ``damaged_rows``, ``empty_modalities``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from clinical_moe.config import load_config
 
@@ -30,7 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from clinical_moe.data.cache import build_cache
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # every config check, before any work
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.root {root} is not a folder; generate a corpus with `clinical-moe synth` or "
+            "set data.root=<folder holding mimic-iv/>"
+        )
     quiet = args.quiet or not sys.stderr.isatty()
     t0 = time.perf_counter()
     cache = build_cache(cfg, resume=not args.no_resume, quiet=quiet)
@@ -41,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  present: {summary['present_counts']}")
     skipped = summary["skipped_files"]
     print(f"  skipped files: {skipped['total']} {skipped['by_modality_reason']}")
+    for table, why in summary.get("missing_sources", {}).items():
+        print(f"  missing source: {table} [{why['reason']}] {why['file'] or ''}".rstrip())
+    for table, reasons in summary.get("damaged_rows", {}).items():
+        print(f"  damaged rows: {table} {reasons}")
+    for modality, why in summary.get("empty_modalities", {}).items():
+        print(f"  empty modality: {modality}: {why}")
     print(f"  summary: {cache / 'summary.json'}")
     return 0
 

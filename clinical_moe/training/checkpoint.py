@@ -43,9 +43,37 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the one-line message names the file."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``: tensors and primitives only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint safely (``weights_only=True``: tensors and primitives only).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        CheckpointError: It is truncated, corrupt, not a torch checkpoint, or holds objects
+            other than tensors and primitives (refused unread); one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types here, with multi-paragraph texts
+        unsafe = "Unsupported global" in str(err)
+        why = (
+            "it holds objects other than tensors and numbers, refused for safety"
+            if unsafe
+            else f"truncated or not a torch checkpoint ({type(err).__name__})"
+        )
+        raise CheckpointError(
+            f"{path}: cannot load the checkpoint: {why}; point to another best.pt / last.pt or "
+            "re-run training"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (no state mapping)")
+    return state
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
