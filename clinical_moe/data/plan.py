@@ -209,7 +209,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         )
         targets = None
         if d.native_targets:
-            from clinical_moe.data.targets import cxr_event_targets
+            from clinical_moe.data.event_targets import cxr_event_targets
 
             targets = cxr_event_targets(pairs, cxr_root, cohort, d, summary)
         plan.cxr, by_stay = _events_by_stay(pairs, cxr_root, targets)
@@ -229,7 +229,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         )
         targets = None
         if d.native_targets:
-            from clinical_moe.data.targets import ecg_event_targets
+            from clinical_moe.data.event_targets import ecg_event_targets
 
             targets = ecg_event_targets(pairs, ecg_root, cohort, summary)
         plan.ecg, by_stay = _events_by_stay(pairs, ecg_root, targets)

@@ -15,6 +15,7 @@ from clinical_moe.config import ConfigError, load_config
 from clinical_moe.data.cache import _fingerprint, build_cache
 from clinical_moe.data.dataset import CachedDataset, Collator
 from clinical_moe.data.ecg import read_machine_measurements
+from clinical_moe.data.event_targets import cxr_event_targets
 from clinical_moe.data.plan import plan_stays
 from clinical_moe.data.store import CacheStore
 from clinical_moe.data.targets import (
@@ -22,7 +23,6 @@ from clinical_moe.data.targets import (
     ECG_INTERVALS,
     ECG_STATEMENTS,
     chexpert_targets,
-    cxr_event_targets,
     ecg_targets,
     parse_statements,
     target_names,
@@ -303,3 +303,23 @@ def test_old_caches_without_targets_still_read_and_collate(tmp_path):
     assert ds.store.target_names == {}
     batch = Collator(ds)([ds[i] for i in range(4)])
     assert all("targets" not in v for v in batch.inputs.values())
+
+
+def test_corpus_reports_name_the_af_rate_and_devices_keep_no_finding():
+    from clinical_moe.data.synthetic.cxr_tables import chexpert_row
+    from clinical_moe.data.synthetic.ecg_wfdb import machine_report
+
+    rng = np.random.default_rng(0)
+    ph = {"af": True, "wide_qrs": False, "st": None, "bbb": None}
+    for rr, rate in ((500.0, "tachycardia"), (1200.0, "bradycardia"), (800.0, None)):
+        report = machine_report(rng, ph, {"rr": rr})
+        row = parse_statements(
+            pd.DataFrame({f"report_{i}": [s or None] for i, s in enumerate(report)})
+        )
+        on = {n for n, v in row.iloc[0].items() if v == 1.0}
+        assert on == {"atrial_fibrillation", "abnormal_ecg"} | ({rate} if rate else set())
+    findings = dict.fromkeys(["opacity", "effusion", "atelectasis", "cardiomegaly"], False)
+    row = chexpert_row(rng, {**findings, "devices": True})
+    assert row["Support Devices"] == 1.0 and row["No Finding"] == 1.0  # devices are no pathology
+    row = chexpert_row(rng, {**findings, "devices": False, "opacity": True})
+    assert row["Lung Opacity"] == 1.0 and np.isnan(row["No Finding"])
