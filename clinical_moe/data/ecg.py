@@ -224,6 +224,7 @@ def read_ecg(
     seconds: float = 10.0,
     max_nan_fraction: float = 0.05,
     extra_leads: str = "error",
+    pad_short: bool = False,
 ) -> EcgRecord:
     """Read a 12-lead WFDB record as float32 ``[12, fs * seconds]`` mV in canonical lead order.
 
@@ -235,6 +236,9 @@ def read_ecg(
             zero-padded at the end.
         max_nan_fraction: Largest share of NaN samples that is interpolated rather than rejected.
         extra_leads: What to do with channels beyond the 12 leads: ``"error"`` or ``"ignore"``.
+        pad_short: A record whose header gives fewer than ``seconds`` of signal (rate x length,
+            e.g. 1000 Hz x 5000 samples = 5 s) is refused (``wrong_duration``, a counted skip in
+            preprocessing) unless True, when it is zero-padded.
 
     Raises:
         LoaderError: Naming the file: ``missing_file`` (header or signal file), ``bad_header``
@@ -251,6 +255,13 @@ def read_ecg(
     source_fs, sig_len = _check_record_line(header_path)
     if sig_len == 0:
         raise LoaderError(header_path, "truncated", "header announces zero samples")
+    if sig_len and not pad_short and sig_len / source_fs < seconds * 0.98:  # issue 15
+        raise LoaderError(
+            header_path,
+            "wrong_duration",
+            f"header gives {source_fs:g} Hz x {sig_len} samples = {sig_len / source_fs:g} s, "
+            f"a study is {seconds:g} s",
+        )
     # Read only what the output needs, plus a margin for the resampling filter.
     needed = math.ceil(seconds * source_fs) + 64
     try:

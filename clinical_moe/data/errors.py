@@ -19,6 +19,7 @@ REASONS: dict[str, str] = {
     "truncated": "the file ends before the data it announces",
     "bad_header": "header or metadata fields are missing, malformed or inconsistent",
     "wrong_rate": "the sampling rate is missing or not positive",
+    "wrong_duration": "the header's rate x length gives less signal than a study must have",
     "nan_signal": "too much of the signal is missing (NaN)",
     "unknown_leads": "the ECG lead names cannot be mapped onto the 12 standard leads",
     "decode_unavailable": "the compression needs an optional decoder that is not installed",

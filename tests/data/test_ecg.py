@@ -174,7 +174,11 @@ def test_mat_container(tmp_path):
 
 
 def test_short_record_padded_long_cropped(tmp_path):
-    short = read_ecg(write_record(tmp_path, "s", sines(MIMIC_ORDER, 500, 4.0), 500, MIMIC_ORDER))
+    path = write_record(tmp_path, "s", sines(MIMIC_ORDER, 500, 4.0), 500, MIMIC_ORDER)
+    with pytest.raises(LoaderError) as excinfo:  # 4 s where a study is 10 s: a counted skip
+        read_ecg(path)
+    assert excinfo.value.reason == "wrong_duration" and "4 s" in str(excinfo.value)
+    short = read_ecg(path, pad_short=True)
     assert short.signal.shape == (12, 5000)
     np.testing.assert_allclose(short.signal[:, :2000], expected_sine()[:, :2000], atol=0.01)
     assert (short.signal[:, 2000:] == 0).all()
