@@ -12,7 +12,7 @@ import logging
 import sys
 
 #: Pipeline modules, in the order of the flow.
-PIPELINES = ("synth", "preprocess", "train", "evaluate", "attribute")
+PIPELINES = ("synth", "preprocess", "pretrain", "train", "evaluate", "attribute")
 
 
 def build_parser() -> argparse.ArgumentParser:

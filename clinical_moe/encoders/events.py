@@ -173,6 +173,17 @@ class EventMapEncoder(ModalityEncoder):
             cells = nn.functional.adaptive_avg_pool1d(fmap, self.num_tokens)
         return cells.reshape(n, C, self.num_tokens).transpose(1, 2)  # (n, T, C)
 
+    def event_target_logits(self, inputs: ModalityInputs) -> torch.Tensor:
+        """Only the per-event target logits ``(B, N, K)``: backbone + target head, no tokens.
+
+        What ``clinical-moe pretrain`` trains; equal to ``forward(inputs).event_logits``.
+        """
+        if self.target_head is None:
+            raise ValueError(f"{type(self).__name__} was built without targets (num_targets=0)")
+        event_mask = inputs["event_mask"].bool()
+        fmap = self.features(real_events(inputs[self.input_key], event_mask))  # (n, C, ...)
+        return self.target_head(pooled_feature(fmap), event_mask)  # (B, N, K)
+
     def forward(self, inputs: ModalityInputs) -> ModalityTokens:
         key = self.input_key
         if key not in inputs:
