@@ -323,3 +323,49 @@ def test_corpus_reports_name_the_af_rate_and_devices_keep_no_finding():
     assert row["Support Devices"] == 1.0 and row["No Finding"] == 1.0  # devices are no pathology
     row = chexpert_row(rng, {**findings, "devices": False, "opacity": True})
     assert row["Lung Opacity"] == 1.0 and np.isnan(row["No Finding"])
+
+
+def _factory_with_cxr(tmp_path: Path) -> Path:
+    """The hand-made MIMIC-IV tables plus three radiographs: stay 30001 gets a labelled and an
+    unlabelled study, stay 30002 a study whose labels are all blank."""
+    try:
+        from tests.data.mimic_factory import MimicFactory
+    except ImportError:  # tests/ is not a package: pytest puts this directory on sys.path
+        from mimic_factory import MimicFactory
+
+    MimicFactory.default().write(tmp_path / "mimic-iv")
+    cxr = tmp_path / "mimic-cxr"
+    cxr.mkdir()
+    images = [  # (subject, study, date, time): intimes 2150-01-01 / 2151-02-01 08:00
+        (10001, 50000001, "21500101", 100000.0),
+        (10001, 50000002, "21500101", 180000.0),
+        (10002, 50000003, "21510201", 130000.0),
+    ]
+    pd.DataFrame(
+        [
+            {"dicom_id": f"d{study}", "subject_id": subj, "study_id": study, "ViewPosition": "AP"}
+            | {"StudyDate": date, "StudyTime": time}
+            for subj, study, date, time in images
+        ]
+    ).to_csv(cxr / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
+    labels = pd.DataFrame(
+        {"subject_id": [10001, 10002], "study_id": [50000001, 50000003]}
+        | {"Lung Opacity": [1.0, np.nan], "Pneumonia": [-1.0, np.nan]}
+    )
+    labels.to_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("blank", ["zero", "ignore"])
+def test_hand_made_tables_give_per_event_rows(tmp_path, blank):
+    root = _factory_with_cxr(tmp_path)
+    cfg = _cfg(root, modalities=["ehr", "cxr"], chexpert_blank=blank)
+    plan = plan_stays(cfg, quiet=True)
+    assert [Path(p).stem for p, _ in plan.cxr[30001]] == ["d50000001", "d50000002"]
+    first, unlabelled = plan.targets["cxr"][30001]  # (14,) each, oldest first
+    col = {n: k for k, n in enumerate(CHEXPERT_FINDINGS)}
+    assert first[col["Lung Opacity"]] == 1.0 and np.isnan(first[col["Pneumonia"]])  # uncertain
+    assert np.isnan(unlabelled).all()  # the study has no label row
+    blanks = plan.targets["cxr"][30002][0]
+    assert (blanks == 0).all() if blank == "zero" else np.isnan(blanks).all()
+    assert plan.summary["target_counts"]["cxr"]["events_without_label_row"] == 1
