@@ -16,11 +16,15 @@ from clinical_moe.types import Batch
 
 
 def flat_inputs(batch: Batch) -> dict[str, np.ndarray]:
-    """``{"present": ..., "<modality>.<key>": ...}`` as numpy arrays, in FlatModel's argument order."""
+    """``{"present": ..., "<modality>.<key>": ...}`` as numpy arrays, in FlatModel's argument order.
+
+    Per-event training targets (``<modality>.targets``) are labels, not model inputs: left out.
+    """
     out = {"present": batch.present.cpu().numpy()}
     for m in batch.modalities:
         for k, v in batch.inputs[m].items():
-            out[f"{m}.{k}"] = v.detach().cpu().numpy()
+            if k != "targets":
+                out[f"{m}.{k}"] = v.detach().cpu().numpy()
     return out
 
 
