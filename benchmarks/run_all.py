@@ -138,10 +138,12 @@ def summarize(name: str, r: dict) -> dict:
         out["targets"] = r["targets"]
     elif name == "quality":
         out["oracle_auroc_mean"] = r["oracle_auroc_mean"]
+        out["ceiling_auroc_natural_mean"] = r.get("ceiling_auroc_natural_mean")
+        keep = ("auroc_over_ceiling", "auroc_of_oracle", "auroc_drop")  # / ceiling first
         out["heads"] = {
-            h: {k: v for k, v in x.items() if k.startswith(("auroc_of_oracle", "auroc_drop"))}
-            for h, x in r["heads"].items()
+            h: {k: v for k, v in x.items() if k.startswith(keep)} for h, x in r["heads"].items()
         }
+        out["targets_ceiling"] = r.get("targets_ceiling", {})
         out["targets"] = r["targets"]
     else:
         out["results"] = [

@@ -76,15 +76,31 @@ def step(title: str) -> float:
 
 
 def print_eval_headline(grid) -> None:
-    """Test AUROC per run at natural missingness and at MCAR 0.5, with the oracle ceiling."""
+    """Test AUROC / ceiling and AUROC per run at natural missingness and MCAR 0.5, then the
+    ceiling (what an observer of the shown modalities can reach) and the oracle (true risk)."""
     auroc = grid[grid["metric"] == "auroc"]
     natural = auroc[auroc["mechanism"] == "natural"].set_index("run")
     mcar = auroc[(auroc["mechanism"] == "mcar") & (auroc["rate"].round(2) == 0.5)].set_index("run")
+
+    def ratio(row) -> str:
+        r = row.get("auroc_over_ceiling", float("nan"))
+        return f"{r:.3f} of ceiling, " if r == r else ""
+
     for run, row in natural.iterrows():
-        line = f"{run:<28} AUROC natural {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        line = (
+            f"{run:<28} natural {ratio(row)}AUROC {row['value']:.3f} "
+            f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        )
         if run in mcar.index:
-            line += f", MCAR 0.5 {mcar.loc[run, 'value']:.3f}"
+            m = mcar.loc[run]
+            line += f"; MCAR 0.5 {ratio(m)}AUROC {m['value']:.3f}"
         print(line)
+    ceilings = grid.attrs.get("ceiling_auroc") or {}
+    if ceilings.get("natural") == ceilings.get("natural") and "natural" in ceilings:
+        mc = ceilings.get("mcar@0.50", float("nan"))
+        print(
+            f"{'ceiling (observer)':<28} AUROC natural {ceilings['natural']:.3f}, MCAR 0.5 {mc:.3f}"
+        )
     oracle = grid.attrs.get("oracle_auroc")
     if oracle is not None and oracle == oracle:
         print(f"{'oracle (true risk)':<28} AUROC {oracle:.3f}")

@@ -266,10 +266,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(grid.attrs["out_dir"])
     natural = grid[(grid["point"] == "natural") & (grid["metric"] == "auroc")]
     for _, r in natural.iterrows():
+        ratio = r.get("auroc_over_ceiling", math.nan)
+        head = f"AUROC / ceiling {ratio:.3f}, " if ratio == ratio else ""
         print(
-            f"{r['run']}: AUROC {r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
+            f"{r['run']}: {head}AUROC {r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
             f"under natural missingness (n={r['n']})"
         )
+    ceiling = grid.attrs.get("ceiling_auroc", {}).get("natural", math.nan)
+    if math.isfinite(ceiling):
+        print(f"ceiling (observer of the shown modalities) AUROC on the same stays: {ceiling:.4f}")
     oracle = grid.attrs.get("oracle_auroc", math.nan)
     if math.isfinite(oracle):
         print(f"oracle (true risk) AUROC on the same stays: {oracle:.4f}")

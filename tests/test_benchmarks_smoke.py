@@ -237,6 +237,10 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
         lo, hi = head["auroc_natural_ci_first_seed"]
         assert 0 <= lo <= hi <= 1
     assert 0.5 < report["oracle_auroc_mean"] < 1
+    # issue 12: the ceiling of each point is measured on the synthetic corpus, below the oracle
+    assert 0.5 < report["ceiling_auroc_natural_mean"] <= report["oracle_auroc_mean"]
+    assert all(positive(h["auroc_over_ceiling_natural"]) for h in report["heads"].values())
+    assert "best_head_ge_0.99_ceiling" in report["targets_ceiling"]
     table = bench_quality.pd.read_csv(report["table"])
     assert len(table) == 2 * 2 * 2  # seeds x heads x (natural, MCAR)
     # Each seed's table is kept; --reuse takes them instead of training again.

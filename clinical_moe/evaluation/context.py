@@ -185,3 +185,36 @@ def load_truth(dataset: CachedDataset) -> tuple[pd.DataFrame | None, str]:
     if "true_risk" in dataset.rows.columns:
         return dataset.rows[["stay_id", "true_risk"]].copy(), "oracle from the manifest's true_risk"
     return None, "no oracle: no truth folder (real data)"
+
+
+def load_ceiling_evidence(dataset: CachedDataset, ids: np.ndarray):
+    """What each modality of each test stay reveals, for the ceiling (synthetic corpora only).
+
+    Why: the ceiling (``observed_risk`` under a mask) is recomputed per simulated mask from the
+    corpus's truth tables (:mod:`clinical_moe.data.synthetic.observer`).
+
+    Args:
+        dataset: The test split.
+        ids: ``int64[N]`` stay ids in the order of the evaluation's rows.
+
+    Returns:
+        (:class:`~clinical_moe.data.synthetic.ceiling.Evidence` aligned with ``ids``, or None;
+        a short note saying where it came from or why there is none).
+    """
+    summary = dataset.store.summary
+    root, task = summary.get("data_root"), summary.get("task")
+    if not root or not (Path(root) / "truth" / "stays.csv.gz").is_file():
+        return None, "no ceiling: no truth folder (real data)"
+    if task not in (None, "ihm48"):
+        return None, f"no ceiling: the truth's risk is of mortality, the task is {task}"
+    from clinical_moe.data.synthetic.observer import evidence_from_truth
+
+    stays = pd.read_csv(Path(root) / "truth" / "stays.csv.gz")
+    path = Path(root) / "truth" / "studies.csv.gz"
+    studies = pd.read_csv(path, low_memory=False) if path.is_file() else None
+    pos = pd.Series(np.arange(len(stays)), index=stays["stay_id"].astype("int64"))
+    rows = pos.reindex(np.asarray(ids, dtype=np.int64)).to_numpy()
+    if np.isnan(rows).any():
+        return None, f"no ceiling: {int(np.isnan(rows).sum())} test stays are not in the truth"
+    ev = evidence_from_truth(stays.iloc[rows.astype(int)].reset_index(drop=True), studies)
+    return ev, f"ceiling from {Path(root) / 'truth'}"

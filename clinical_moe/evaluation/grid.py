@@ -10,7 +10,9 @@
 4. score every point with AUROC, AUPRC, F1 (validation threshold), ECE and Brier with stratified
    percentile-bootstrap 95% CIs (the same resamples for every run at a point: paired intervals),
    plus the natural-missingness breakdown per observed modality combination and, on a synthetic
-   corpus, the oracle (true risk) on the same stays;
+   corpus, the **ceiling** (the posterior risk given what the point's mask leaves shown, see
+   :mod:`clinical_moe.data.synthetic.ceiling`; AUROC / ceiling is the headline) and the oracle
+   (true risk, a second reference no observer can reach) on the same stays;
 5. write tables, plots and reports to ``out_dir`` (see :mod:`clinical_moe.evaluation.report`).
 
 Same inputs give the same numbers: models run in eval mode without gradients, masks and
@@ -26,7 +28,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from clinical_moe.config import EvalConfig
+from clinical_moe.evaluation.ceiling import ceiling_table
 from clinical_moe.evaluation.context import EvalContext, build_context, load_truth
 from clinical_moe.evaluation.inference import predict_under_masks
 from clinical_moe.metrics import EVAL_METRICS, best_threshold, prevalence, score_with_ci
@@ -53,6 +56,10 @@ GRID_COLUMNS = [
     "value",
     "ci_low",
     "ci_high",
+    "auroc_over_ceiling",
+    "ceiling_auroc",
+    "auroc_over_oracle",
+    "oracle_auroc",
     "n",
     "n_pos",
     "prevalence",
@@ -75,6 +82,8 @@ class GridResult:
         natural: Tidy table per run x natural modality combination x metric.
         runs: One row per run: name, id, head, validation threshold and scores.
         oracle: One row per metric of the true risk on the test stays (empty on real data).
+        ceiling: One row per point: the ceiling's and the oracle's AUROC on the point's scored
+            stays and how exact the ceiling is (empty on real data).
         masks: Long table of every distinct mask: point, stay_id, ``has_<modality>``.
         meta: Seeds, settings, split hash, timings.
     """
@@ -85,6 +94,7 @@ class GridResult:
     oracle: pd.DataFrame
     masks: pd.DataFrame
     meta: dict
+    ceiling: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _point_seed(seed: int, rows: np.ndarray) -> list[int]:
@@ -165,8 +175,17 @@ def _score_rows(y, p, task, threshold, cfg: EvalConfig, seed) -> dict:
     )
 
 
-def _records(base: dict, scores: dict) -> list[dict]:
-    return [{**base, "metric": m, **scores[m]} for m in EVAL_METRICS if m in scores]
+def _records(base: dict, scores: dict, refs: dict | None = None) -> list[dict]:
+    """Tidy rows of one run at one point; ``refs`` (ceiling / oracle AUROC) go on the AUROC row."""
+    out = [{**base, "metric": m, **scores[m]} for m in EVAL_METRICS if m in scores]
+    for row in out:
+        if row["metric"] == "auroc" and refs:
+            v = row["value"]
+            for name in ("ceiling", "oracle"):
+                ref = refs.get(f"{name}_auroc", math.nan)
+                row[f"{name}_auroc"] = ref
+                row[f"auroc_over_{name}"] = v / ref if ref and math.isfinite(ref) else math.nan
+    return out
 
 
 def _threshold_json(t) -> str:
@@ -198,8 +217,8 @@ def evaluate_runs(
         write: Write the outputs to ``out_dir`` (tables only are returned otherwise).
 
     Returns:
-        The tidy grid table (:data:`GRID_COLUMNS`); ``attrs`` hold ``out_dir`` and the oracle
-        AUROC. The other tables are written to ``out_dir``; :func:`run_grid` returns them all.
+        The tidy grid table (:data:`GRID_COLUMNS`); ``attrs`` hold ``out_dir``, the oracle
+        AUROC and ``ceiling_auroc`` (point -> ceiling AUROC; empty on real data). The other tables are written to ``out_dir``; :func:`run_grid` returns them all.
     """
     result = run_grid(runs, eval_cfg, seed=seed, quiet=quiet, device=device)
     grid = result.grid
@@ -211,6 +230,10 @@ def evaluate_runs(
     oracle = result.oracle
     auroc = oracle.loc[oracle["metric"] == "auroc", "value"] if len(oracle) else []
     grid.attrs["oracle_auroc"] = float(auroc.iloc[0]) if len(auroc) else math.nan
+    ceil = result.ceiling
+    grid.attrs["ceiling_auroc"] = (
+        dict(zip(ceil["point"], ceil["ceiling_auroc"])) if len(ceil) else {}
+    )
     return grid
 
 
@@ -240,6 +263,7 @@ def run_grid(
     specs = grid_specs(cfg.mechanisms, cfg.rates, mods, cfg.patterns)
     masks, index = _masks(specs, ctx, cfg, seed)
     y_all = ctx.labels
+    ceiling, refs, ceiling_note = ceiling_table(specs, masks, index, ctx, cfg, test, seed)
     timings = {"context_and_masks_s": time.perf_counter() - t0}
 
     run_rows, records, natural_records = [], [], []
@@ -295,7 +319,9 @@ def run_grid(
                 y, probs[index[spec.label]][rows], task, thr, cfg, _point_seed(seed, rows)
             )
             records += _records(
-                {"run": name, "run_id": run.run_id, "head": run.cfg.model.name, **base}, scores
+                {"run": name, "run_id": run.run_id, "head": run.cfg.model.name, **base},
+                scores,
+                refs.get(spec.label),
             )
 
     # natural missingness, per observed combination of modalities
@@ -364,6 +390,7 @@ def run_grid(
         "distinct_masks": len(masks),
         "runs": names,
         "oracle": note,
+        "ceiling": ceiling_note,
         "checkpoints": {n: str(r.checkpoint) for n, r in zip(names, runs)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "seconds": round(time.perf_counter() - t0, 3),
@@ -375,4 +402,5 @@ def run_grid(
         oracle=pd.DataFrame(oracle_rows),
         masks=pd.concat(mask_frames, ignore_index=True),
         meta=meta,
+        ceiling=ceiling,
     )

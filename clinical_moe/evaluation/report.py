@@ -6,6 +6,7 @@ Layout of ``out_dir``::
     natural.csv / natural.parquet    run x natural modality combination x metric
     runs.csv                         run, id, head, validation threshold and scores
     oracle.csv                       true-risk scores on the same test stays (synthetic data only)
+    ceiling.csv                      per point: ceiling and oracle AUROC (synthetic data only)
     masks.parquet                    every distinct mask: point, stay_id, has_<modality>
     meta.json                        settings, seeds, test split hash, timings
     auroc_vs_rate.png  patterns.png  natural_patterns.png
@@ -92,7 +93,7 @@ def write_outputs(result, out_dir: Path) -> dict[str, Path]:
             path = out_dir / f"{name}.{ext}"
             df.to_csv(path, index=False) if ext == "csv" else df.to_parquet(path, index=False)
             files[f"{name}.{ext}"] = path
-    for name, df in (("runs", result.runs), ("oracle", result.oracle)):
+    for name, df in (("runs", result.runs), ("oracle", result.oracle), ("ceiling", _ceil(result))):
         df.to_csv(out_dir / f"{name}.csv", index=False)
         files[f"{name}.csv"] = out_dir / f"{name}.csv"
     result.masks.to_parquet(out_dir / "masks.parquet", index=False)
@@ -124,9 +125,44 @@ def write_outputs(result, out_dir: Path) -> dict[str, Path]:
     return files
 
 
+def _ceil(result) -> pd.DataFrame:
+    """The per-point ceiling table (empty for results made before it existed)."""
+    return (
+        getattr(result, "ceiling", None) if len(getattr(result, "ceiling", ())) else pd.DataFrame()
+    )
+
+
+def _ratio_table(grid: pd.DataFrame, column: str, points: list[str]) -> pd.DataFrame:
+    """AUROC divided by a reference (``auroc_over_ceiling`` ...), points x runs, as text."""
+    df = grid[(grid["metric"] == "auroc") & grid["point"].isin(points)]
+    df = df.assign(value=df[column], ci_low=math.nan, ci_high=math.nan)
+    return summary_table(df, "auroc", points)
+
+
+def _ceiling_sections(result) -> list[tuple[str, pd.DataFrame]]:
+    """AUROC / ceiling first (then / oracle) when the corpus has a truth, else nothing."""
+    grid, ceil = result.grid, _ceil(result)
+    if not len(ceil) or "auroc_over_ceiling" not in grid or grid["auroc_over_ceiling"].isna().all():
+        return []
+    points = _points_of_interest(grid) + list(grid.loc[grid["mechanism"] == "pattern", "point"])
+    points = list(dict.fromkeys(points))
+    refs = ceil.set_index("point").reindex(points)
+    refs = refs.assign(
+        **{c: [_fmt(v) for v in refs[c]] for c in ("ceiling_auroc", "oracle_auroc")}
+    )[["n", "ceiling_auroc", "oracle_auroc", "ceiling_note"]]
+    refs.index.name = "point"
+    return [
+        ("AUROC / ceiling (what an observer of the shown modalities can reach)",
+         _ratio_table(grid, "auroc_over_ceiling", points)),
+        ("Ceiling and oracle AUROC per point (same scored stays)", refs),
+        ("AUROC / oracle (true risk; no observer can reach it)",
+         _ratio_table(grid, "auroc_over_oracle", points)),
+    ]  # fmt: skip
+
+
 def _sections(result) -> list[tuple[str, pd.DataFrame]]:
     grid = result.grid
-    out = [
+    out = _ceiling_sections(result) + [
         (
             "AUROC at selected points (95% bootstrap CI)",
             summary_table(grid, "auroc", _points_of_interest(grid)),
@@ -169,6 +205,16 @@ def _header_lines(result) -> list[str]:
         )
     else:
         lines.append(f"Oracle: {meta['oracle']}.")
+    ceil = _ceil(result)
+    if len(ceil) and (ceil["point"] == "natural").any():
+        nat = ceil.set_index("point").loc["natural"]
+        lines.append(
+            f"Ceiling at natural missingness (posterior risk given the shown modalities): AUROC "
+            f"{_fmt(nat['ceiling_auroc'])} = {_fmt(nat['ceiling_over_oracle'])} of the oracle; "
+            "tables show AUROC / ceiling first."
+        )
+    elif meta.get("ceiling"):
+        lines.append(f"Ceiling: {meta['ceiling']}.")
     return lines
 
 
@@ -181,7 +227,7 @@ def write_markdown(result, out_dir: Path, plots: list[str]) -> Path:
     parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     parts += [
         "",
-        "Tables: grid.csv / grid.parquet (tidy), natural.csv, runs.csv, oracle.csv, "
+        "Tables: grid.csv / grid.parquet (tidy), natural.csv, runs.csv, oracle.csv, ceiling.csv, "
         "masks.parquet (stay ids only).",
     ]
     path = out_dir / "summary.md"
