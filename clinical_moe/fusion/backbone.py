@@ -59,6 +59,46 @@ class GroupedLinear(nn.Module):
         return y.reshape(*shape[:-1], d_out)  # (G, ..., d_out)
 
 
+def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout drawing one random byte per element instead of one float.
+
+    ``F.dropout`` on CPU draws a Bernoulli float per element, which costs about three times a
+    ``128 x 128`` matmul over the same tensor. Here the random bits come as 64-bit integers, eight
+    bytes per draw: element i is dropped when its byte is below ``round(256 p)``, so the drop
+    rate is ``p`` rounded to a multiple of 1/256 (0.1 -> 0.1016) and kept values are scaled by
+    ``256 / (256 - round(256 p))``. Only the boolean mask is kept for backward.
+
+    Args:
+        x: Any tensor.
+        p: Drop probability in [0, 1].
+    """
+    thr = round(p * 256)
+    if thr <= 0:
+        return x
+    if thr >= 256:
+        return torch.zeros_like(x)
+    n = x.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+    keep = words.view(torch.uint8)[:n].view(x.shape) >= thr  # x.shape
+    return torch.where(keep, x * (256.0 / (256 - thr)), torch.zeros((), dtype=x.dtype))
+
+
+class Dropout(nn.Module):
+    """:func:`byte_dropout` as a module (identity in eval mode); a drop-in for ``nn.Dropout``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return byte_dropout(x, self.p) if self.training else x
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class GroupedLayerNorm(nn.Module):
     """LayerNorm over the last dimension with a separate affine transform per group."""
 
@@ -137,7 +177,7 @@ class GroupedFFN(nn.Module):
         super().__init__()
         self.fc1 = GroupedLinear(num_groups, d_model, hidden)
         self.fc2 = GroupedLinear(num_groups, hidden, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         return self.fc2(self.drop(F.gelu(self.fc1(x, groups))), groups)
@@ -172,7 +212,7 @@ class GroupedBlock(nn.Module):
         self.attn = GroupedSelfAttention(num_groups, d_model, num_heads, attn_dropout)
         self.norm2 = GroupedLayerNorm(num_groups, d_model)
         self.ffn = GroupedFFN(num_groups, d_model, hidden, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(
         self,

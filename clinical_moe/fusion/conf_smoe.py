@@ -78,7 +78,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clinical_moe.fusion.backbone import GroupedSelfAttention, safe_key_mask
+from clinical_moe.fusion.backbone import Dropout, GroupedSelfAttention, safe_key_mask
 from clinical_moe.fusion.base import FusionHead, zero_loss
 from clinical_moe.fusion.moe import Experts, Router, topk_gates
 from clinical_moe.registry import HEADS
@@ -224,7 +224,7 @@ class PostImputation(nn.Module):
         self.norm_q, self.norm_kv = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.q, self.kv = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
         self.out, self.norm_out = nn.Linear(d_model, d_model), nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, h: torch.Tensor, src: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """``LN(h + CA(q=h, kv=src[key_mask]))`` for every token: ``(B, T, D)``."""
@@ -360,7 +360,7 @@ class ConfSMoE(FusionHead):
                 for i in sorted(set(impute))
             }
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.out = nn.Linear(d_model, num_classes)
 

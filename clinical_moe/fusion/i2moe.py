@@ -64,7 +64,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clinical_moe.fusion.backbone import GroupedBlock, GroupedLayerNorm, GroupedLinear
+from clinical_moe.fusion.backbone import Dropout, GroupedBlock, GroupedLayerNorm, GroupedLinear
 from clinical_moe.fusion.base import FusionHead, masked_mean, zero_loss
 from clinical_moe.registry import HEADS
 from clinical_moe.types import FusionOutput, ModalityTokens
@@ -188,7 +188,7 @@ class I2MoE(FusionHead):
         self.reweighter = nn.Sequential(
             nn.Linear(M * d_model, reweight_hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(reweight_hidden, G),
         )
 

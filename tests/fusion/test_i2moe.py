@@ -246,3 +246,24 @@ def test_grouped_layers_use_each_groups_own_weights():
         lin(x[:2], sel),
         torch.stack([x[0] @ lin.weight[2] + lin.bias[2], x[1] @ lin.weight[0] + lin.bias[0]]),
     )
+
+
+def test_byte_dropout_rate_scale_and_gradient():
+    from clinical_moe.fusion.backbone import Dropout, byte_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 500, requires_grad=True)
+    y = byte_dropout(x, 0.1)
+    kept = y != 0
+    rate = 1 - kept.float().mean()
+    assert abs(rate - 26 / 256) < 0.005  # p rounded to a multiple of 1/256
+    scale = 256 / 230
+    torch.testing.assert_close(y[kept], x[kept] * scale)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * scale)
+    assert byte_dropout(x, 0.0) is x and torch.all(byte_dropout(x, 1.0) == 0)
+    drop = Dropout(0.3)
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)
