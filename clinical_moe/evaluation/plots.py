@@ -1,7 +1,9 @@
 """Figures of an evaluation (matplotlib, Agg backend: no display needed).
 
 - :func:`metric_vs_rate`: a metric against the simulated missing rate, one panel per mechanism,
-  one line per run with its bootstrap 95% CI band, the oracle as a dashed ceiling;
+  one line per run with its bootstrap 95% CI band, the ceiling of each rate's masks (what an
+  observer of the shown modalities can reach; synthetic data) as a solid black line and the
+  oracle (true risk) dashed;
 - :func:`pattern_heatmap`: runs x modality patterns (fixed patterns, or natural combinations).
 """
 
@@ -51,6 +53,9 @@ def metric_vs_rate(
             ax.fill_between(
                 d["rate"], d["ci_low"], d["ci_high"], color=colors(i % 10), alpha=0.15, linewidth=0
             )
+        if metric == "auroc" and "ceiling_auroc" in df and df["ceiling_auroc"].notna().any():
+            c = df[df["mechanism"] == mech].drop_duplicates("rate").sort_values("rate")
+            ax.plot(c["rate"], c["ceiling_auroc"], "k-", lw=1.2, label="ceiling (observer)")
         if oracle is not None and np.isfinite(oracle):
             ax.axhline(oracle, color="k", ls="--", lw=1, label="oracle (true risk)")
         if metric == "auroc":

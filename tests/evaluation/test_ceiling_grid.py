@@ -77,3 +77,23 @@ def test_real_data_has_no_ceiling(synthetic, tmp_path):
     assert table.empty and refs == {} and "no ceiling" in note
     row = _records({"point": "natural"}, {"auroc": {"value": 0.8}}, refs.get("natural"))[0]
     assert math.isnan(row.get("auroc_over_ceiling", math.nan))
+
+
+def test_rate_plot_draws_the_ceiling(tmp_path):
+    import pandas as pd
+
+    from clinical_moe.evaluation.plots import metric_vs_rate
+
+    grid = pd.DataFrame(
+        {
+            "run": ["a", "a"],
+            "mechanism": ["mcar", "mcar"],
+            "metric": ["auroc", "auroc"],
+            "rate": [0.0, 0.5],
+            "value": [0.8, 0.7],
+            "ci_low": [0.75, 0.65],
+            "ci_high": [0.85, 0.75],
+            "ceiling_auroc": [0.85, 0.8],
+        }
+    )
+    assert metric_vs_rate(grid, tmp_path / "r.png", "auroc", 0.9).is_file()
