@@ -37,6 +37,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from benchmarks.common import (
     add_common_args,
@@ -72,6 +73,7 @@ class Shape:
         reference_s: The released code's train step, (low, high) seconds (issue #16).
         optimizer: ``"adam"`` or ``"sgd"``.
         min_speedup: The target on ``reference_over_ours`` (judged on the low end).
+        reference_over_old: Issue #16's "reference / ours" for the code of that time.
     """
 
     name: str
@@ -85,6 +87,7 @@ class Shape:
     reference_s: tuple[float, float] | None = None
     optimizer: str = "adam"
     min_speedup: float = 1.0
+    reference_over_old: tuple[float, float] | None = None
 
 
 SHAPES = [
@@ -109,6 +112,20 @@ SHAPES = [
           {"num_layers": 1, "num_heads": 4, "lambda_int": 0.01, "reweight_hidden": 256},
           (49.0, 49.0), min_speedup=2.0),
 ]  # fmt: skip
+
+# Issue #16's "reference / ours" column, for the code the issue timed (alternating, same load).
+REFERENCE_OVER_OLD = {
+    "fusemoe_script": (5.7, 7.7),
+    "fusemoe_paper": (9.8, 9.8),
+    "flex_moe_b8": (1.9, 2.1),
+    "flex_moe_b64": (1.4, 2.2),
+    "conf_smoe_none_missing": (0.53, 0.63),
+    "conf_smoe_half_missing": (2.1, 2.8),
+    "i2moe_mimic": (1.5, 1.9),
+    "i2moe_4x48": (0.80, 0.80),
+}
+for _s in SHAPES:
+    _s.reference_over_old = REFERENCE_OVER_OLD[_s.name]
 
 
 def quick_shape(s: Shape) -> Shape:
@@ -163,6 +180,9 @@ def _inputs(s: Shape, seed: int = 0):
     return mods, tokens, present, labels
 
 
+_JUDGING = ("reference_s", "min_speedup", "reference_over_old")
+
+
 def run_shape(s: Shape, warmup: int, reps: int, matmul_n: int) -> dict:
     """Time, count and measure one shape in this process."""
     import psutil
@@ -170,6 +190,7 @@ def run_shape(s: Shape, warmup: int, reps: int, matmul_n: int) -> dict:
     from torch.nn import functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
+    import clinical_moe
     from clinical_moe.registry import HEADS
 
     torch.manual_seed(0)
@@ -227,7 +248,8 @@ def run_shape(s: Shape, warmup: int, reps: int, matmul_n: int) -> dict:
     eval_flop = fc.get_total_flops()
     t_train, t_eval = median(train_t), median(eval_t)
     row = {
-        **{k: v for k, v in asdict(s).items() if k not in ("reference_s", "min_speedup")},
+        **{k: v for k, v in asdict(s).items() if k not in _JUDGING},
+        "package": str(Path(clinical_moe.__file__).resolve().parent),
         "params": sum(p.numel() for p in params),
         "train_ms": round(t_train * 1e3, 2),
         "train_ms_all": [round(t * 1e3, 2) for t in train_t],
@@ -255,10 +277,55 @@ def judge(s: Shape, row: dict, quick: bool) -> dict:
         row["reference_over_ours"] = [ratio(lo, ours), ratio(hi, ours)]
         row["target_speedup"] = s.min_speedup
         row["meets_speed"] = bool(lo / ours >= s.min_speedup)
+    base = row.get("baseline")
+    if base and s.reference_over_old:
+        speedup = base["train_ms"] / row["train_ms"]
+        row["speedup_vs_baseline"] = round(speedup, 3)
+        # load-independent estimate: (reference / old, issue #16) x (old / ours, this run)
+        row["reference_over_ours_via_baseline"] = [
+            round(r * speedup, 3) for r in s.reference_over_old
+        ]
     row["meets_memory"] = bool(row["peak_rss_mb"] < MEMORY_LIMIT_MB)
     if row["batch"] >= 64:
         row["meets_flop_fraction"] = bool(row["train_flop_fraction"] >= FLOP_FRACTION_TARGET)
     return row
+
+
+def export_revision(rev: str) -> str:
+    """``clinical_moe/`` and ``benchmarks/`` of git revision ``rev`` in a temporary folder."""
+    import subprocess
+    import tempfile
+
+    from benchmarks.common import REPO
+
+    out = tempfile.mkdtemp(prefix="bench_shapes_base_")
+    archive = subprocess.run(
+        ["git", "archive", rev, "clinical_moe", "benchmarks"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", out], input=archive.stdout, check=True)
+    return out
+
+
+def run_baseline(tree: str, name: str, args) -> dict:
+    """One shape with the package in ``tree`` first on the path (this file's code, old heads)."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name]
+    cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
+    cmd += ["--reps", str(args.reps), "--matmul-n", str(args.matmul_n)]
+    env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(max(args.threads, 1))}
+    res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"baseline {name} failed:\n{res.stderr[-3000:]}")
+    row = last_json_line(res.stdout)
+    if not row["package"].startswith(tree):
+        raise RuntimeError(f"baseline {name} imported {row['package']}, not the tree {tree}")
+    keep = ("train_ms", "train_ms_all", "eval_ms", "peak_rss_mb", "matmul_gflops")
+    return {k: row[k] for k in keep} | {"train_flop_fraction": row["train_flop_fraction"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,6 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--matmul-n", type=int, default=1024, help="side of the peak matmul")
+    parser.add_argument(
+        "--baseline-rev",
+        default=None,
+        help="also run each shape with the package of this git revision (child right after ours)",
+    )
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child: one shape
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -290,6 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown shapes {unknown}; known: {list(shapes)}")
 
     report = {"benchmark": "shapes", "environment": environment(), "quick": args.quick}
+    old_tree = None
+    if args.baseline_rev and not args.quick:
+        old_tree = export_revision(args.baseline_rev)
+        report["baseline_rev"] = args.baseline_rev
     rows = []
     for name in names:
         s = shapes[name]
@@ -303,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
             check_ok(res, f"bench_shapes {name}")
             row = last_json_line(res["stdout"])
             row["child_seconds"] = round(res["seconds"], 1)
+            if old_tree is not None:
+                row["baseline"] = run_baseline(old_tree, name, args)
         rows.append(judge(s, row, args.quick))
         print(f"[bench_shapes] {name}: train {row['train_ms']} ms, eval {row['eval_ms']} ms, "
               f"peak {row['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
