@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from clinical_moe.encoders.base import FREEZE_MODES, ModalityEncoder
 from clinical_moe.fusion.base import FusionHead
@@ -77,7 +78,7 @@ class MultimodalModel(nn.Module):
         return out
 
     def forward(
-        self, batch: Batch, return_tokens: bool = False
+        self, batch: Batch, return_tokens: bool = False, head_present: Tensor | None = None
     ) -> FusionOutput | tuple[FusionOutput, dict[str, ModalityTokens]]:
         """Encode the present modalities and fuse them.
 
@@ -85,11 +86,32 @@ class MultimodalModel(nn.Module):
             batch: The mini-batch.
             return_tokens: Also return the encoders' :class:`ModalityTokens` (with their per-event
                 target logits), for training losses on the encoders (through DDP's forward).
+            head_present: Optional ``BoolTensor[B, M]``, a subset of ``batch.present``: what the
+                fusion head is shown (train-time modality dropout). Encoders still run on every
+                present modality, so their own losses keep all the data, while the head sees the
+                hidden modalities exactly as truly absent ones (zero tokens, all-False mask).
         """
         check_nonempty(batch)
         tokens = self.encode(batch)
+        present = batch.present
+        if head_present is not None:
+            if bool((head_present & ~present).any()):
+                raise ValueError("head_present must be a subset of batch.present")
+            check_nonempty(replace(batch, present=head_present))
+            tokens_head = {}
+            for m, name in enumerate(self.modalities):
+                keep = head_present[:, m]  # (B,)
+                t = tokens[name]
+                tokens_head[name] = replace(
+                    t,
+                    tokens=t.tokens * keep[:, None, None].to(t.tokens.dtype),  # (B, T, D)
+                    mask=t.mask & keep[:, None],  # (B, T)
+                )
+            present = head_present
+        else:
+            tokens_head = tokens
         labels = batch.labels if self.training else None  # evaluation never sees labels
-        out = self.head(tokens, batch.present, labels=labels)
+        out = self.head(tokens_head, present, labels=labels)
         return (out, tokens) if return_tokens else out
 
 

@@ -125,3 +125,21 @@ def clinical_moe_list_models():
     from clinical_moe import list_models
 
     return list_models()
+
+
+@pytest.mark.parametrize("name", ["fusemoe", "flex_moe", "concat"])
+def test_head_present_hides_modalities_from_the_head_only(name):
+    """Train-time dropout after encoding: the head sees hidden modalities as truly absent."""
+    torch.manual_seed(0)
+    mods = ("ehr", "cxr", "ecg")
+    model = create_model(name, modalities=mods, d_model=16, num_tokens=2).eval()
+    present = torch.ones(6, 3, dtype=torch.bool)
+    batch = random_batch(model, 6, present=present, seed=4)
+    shown = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1], [1, 0, 0], [1, 1, 0]]).bool()
+    with torch.no_grad():
+        out, tokens = model(batch, return_tokens=True, head_present=shown)
+        absent = model(batch.with_present(shown))
+    torch.testing.assert_close(out.logits, absent.logits)
+    assert tokens["cxr"].mask.all(), "encoders must still run on every present modality"
+    with pytest.raises(ValueError, match="subset"):
+        model(batch.with_present(shown), head_present=present)

@@ -369,12 +369,13 @@ class Trainer:
         batch = batch.to(self.info.device)
         if self.data.task == "multiclass":  # collate gives float labels; heads expect class ids
             batch = replace(batch, labels=batch.labels.long())
+        # Modality dropout hides modalities from the head only: the encoders still run on every
+        # present modality, so their per-event target losses keep all of the data.
+        shown = None
         if t.modality_dropout > 0:
-            batch = batch.with_present(
-                modality_dropout(batch.present, t.modality_dropout, self.aug)
-            )
+            shown = modality_dropout(batch.present, t.modality_dropout, self.aug)
         self.net.train()
-        out, tokens = self.net(batch, return_tokens=True)
+        out, tokens = self.net(batch, return_tokens=True, head_present=shown)
         loss_task = task_loss(out.logits, batch.labels, self.data.task)
         loss_enc, enc_parts = encoder_target_losses(
             tokens, batch, t.encoder_aux, self.data.continuous
