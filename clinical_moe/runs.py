@@ -103,6 +103,7 @@ def load_run(
         tracking_uri: MLflow store; None uses ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
         cache_dir: read the data from here instead of the run's ``data.cache_dir`` (a moved cache).
     """
+    from clinical_moe.data.cache import check_cache
     from clinical_moe.training.engine import build_data, build_model
 
     if (run_id is None) == (checkpoint is None):
@@ -120,6 +121,7 @@ def load_run(
             f"the run's cache {cache} is missing (no manifest.parquet); rebuild it with "
             "`clinical-moe preprocess --config <the run's config>` or pass cache_dir"
         )
+    check_cache(cfg, cache)  # issue 13: refuse, in one line, a cache built with other settings
     data = build_data(cfg, cache)
     model = build_model(cfg, data)
     model.load_state_dict(state["model"])

@@ -67,18 +67,17 @@ def run_name_of(cfg: Config) -> str:
 
 
 def ensure_cache(cfg: Config, info: D.DistInfo, quiet: bool) -> Path:
-    """The cache directory; built from ``data.root`` (rank 0) when it has no manifest yet."""
+    """The cache directory; built (rank 0) when absent, rebuilt when its fingerprint is stale."""
     cache = Path(cfg.data.cache_dir)
-    if not (cache / "manifest.parquet").is_file() and info.is_main:
+    if info.is_main:
         try:
-            from clinical_moe.data.cache import build_cache
+            from clinical_moe.data import cache as cache_module
         except ImportError as err:
             raise RuntimeError(
                 f"no preprocessed cache at {cache} and the cache builder is unavailable ({err}); "
                 "run `clinical-moe preprocess --config ...` first"
             ) from err
-        log.info("no cache at %s: preprocessing %s", cache, cfg.data.root)
-        build_cache(cfg, quiet=quiet)
+        cache_module.ensure_cache(cfg, quiet=quiet)  # issue 13: one line says why it rebuilds
     D.barrier(info)
     return cache
 
@@ -95,6 +94,12 @@ def data_params(cache: Path) -> dict[str, object]:
     for col in sorted(c for c in manifest.columns if c.startswith("has_")):
         out[f"data.present.{col[4:]}"] = int(manifest[col].sum())
     return out
+
+
+def data_fingerprint(cache: Path) -> str:
+    """The fingerprint the cache was written with ("none" for a cache that carries none)."""
+    summary = json.loads((cache / "summary.json").read_text())
+    return str(summary.get("fingerprint") or "none")
 
 
 def git_commit() -> str:
@@ -199,6 +204,7 @@ def train(
                     "head": cfg.model.name,
                     "task": trainer.data.task,
                     "data_task": cfg.data.task,
+                    "data_fingerprint": data_fingerprint(cache),
                 }
             )
             logger.log_artifact(config_file)

@@ -16,8 +16,7 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
-from hashlib import sha256
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from clinical_moe.config import Config, DataConfig
 from clinical_moe.data.cache_writer import ShardWriter, finalize_cache
 from clinical_moe.data.errors import LoaderError
+from clinical_moe.data.fingerprint import cache_fingerprint, fingerprint_inputs, stale_reason
 from clinical_moe.data.store import shard_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -164,20 +164,13 @@ def _target(task: ShardTask, modality: str, i: int) -> np.ndarray | None:
 
 
 def _fingerprint(cfg: Config) -> str:
-    """Hash of everything that decides the cache content (resume refuses a different one).
+    """Hash of everything that decides the cache content (see :mod:`clinical_moe.data.fingerprint`).
 
     The native-target options (``native_targets``, ``cxr_label_source``, ``chexpert_uncertain``,
     ``chexpert_blank``) are data fields, so they count; so does the targets' format version, so a
     cache written by an older vocabulary or parser is rebuilt rather than reused.
     """
-    from clinical_moe.data.targets import TARGETS_VERSION
-
-    d = asdict(cfg.data)
-    for key in ("cache_dir", "workers"):
-        d.pop(key)
-    d["seed"] = cfg.seed
-    d["targets_version"] = TARGETS_VERSION if cfg.data.native_targets else None
-    return sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_fingerprint(cfg)
 
 
 def _complete(cache_dir: Path, summary_file: Path, fp: str) -> bool:
@@ -211,7 +204,6 @@ def build_cache(
 
     d: DataConfig = cfg.data
     cache_dir = Path(d.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(cfg)
     fp_file = cache_dir / "fingerprint.json"
     if fp_file.exists():
@@ -228,7 +220,8 @@ def build_cache(
         return cache_dir
     summary_file.unlink(missing_ok=True)  # until this build ends, the cache is not complete
     plan = plan_stays(cfg, quiet=quiet)  # table errors stop the run here, before any state
-    write_json(fp_file, {"fingerprint": fp})
+    cache_dir.mkdir(parents=True, exist_ok=True)  # a failed plan leaves no folder behind
+    write_json(fp_file, {"fingerprint": fp, "inputs": fingerprint_inputs(cfg)})
     stays = plan.stays
     tasks = []
     for k, start in enumerate(range(0, len(stays), shard_size)):
@@ -282,6 +275,7 @@ def build_cache(
     summary = {
         **plan.summary,
         "fingerprint": fp,
+        "fingerprint_inputs": fingerprint_inputs(cfg),
         "skipped_files": {
             "total": len(skips),
             "by_modality_reason": {
@@ -300,3 +294,68 @@ def build_cache(
         num_variables=plan.num_variables if "ehr" in d.modalities else None,
     )
     return cache_dir
+
+
+class StaleCacheError(ValueError):
+    """The cache was built with other settings than the run's (the message names them)."""
+
+
+#: What a build writes at the top of a cache directory (removed before a stale cache is rebuilt).
+_CACHE_FILES = (
+    "manifest.parquet",
+    "summary.json",
+    "fingerprint.json",
+    "ehr_stats.json",
+    "tokenizer.json",
+)
+
+
+def check_cache(cfg: Config, cache_dir: str | Path | None = None) -> None:
+    """Refuse a cache that does not match ``cfg`` (``evaluate`` / ``attribute``).
+
+    Raises:
+        FileNotFoundError: No finished cache (no ``manifest.parquet``).
+        StaleCacheError: One line naming what differs, e.g. ``data.task: ihm48 -> los7``.
+    """
+    cache_dir = Path(cache_dir or cfg.data.cache_dir)
+    if not (cache_dir / "manifest.parquet").is_file():
+        raise FileNotFoundError(
+            f"no cache at {cache_dir} (no manifest.parquet); build it with "
+            "`clinical-moe preprocess --config <the run's config>`"
+        )
+    why = stale_reason(cfg, cache_dir)
+    if why:
+        raise StaleCacheError(
+            f"the cache {cache_dir} was built with other settings than this run ({why}, "
+            "cache -> run); rebuild it with `clinical-moe preprocess --config <the run's config>` "
+            "or pass the cache that was built for the run"
+        )
+
+
+def ensure_cache(cfg: Config, quiet: bool = False, rebuild: bool = True) -> Path:
+    """The cache of ``cfg``: built when absent, rebuilt (saying why, in one line) when stale.
+
+    Args:
+        cfg: The run config.
+        quiet: No progress bars while building.
+        rebuild: False refuses a stale cache (:class:`StaleCacheError`) instead of rebuilding it.
+
+    Returns:
+        The cache directory, matching ``cfg``.
+    """
+    cache_dir = Path(cfg.data.cache_dir)
+    if not (cache_dir / "manifest.parquet").is_file():
+        logger.warning("no cache at %s: preprocessing %s", cache_dir, cfg.data.root)
+        return Path(build_cache(cfg, quiet=quiet))
+    why = stale_reason(cfg, cache_dir)
+    if not why:
+        return cache_dir
+    if not rebuild:
+        check_cache(cfg, cache_dir)  # raises, naming the difference
+    logger.warning("cache %s is stale (%s, cache -> run): rebuilding it", cache_dir, why)
+    import shutil
+
+    shutil.rmtree(cache_dir / "shards", ignore_errors=True)
+    for name in _CACHE_FILES:
+        (cache_dir / name).unlink(missing_ok=True)
+    return Path(build_cache(cfg, resume=False, quiet=quiet))

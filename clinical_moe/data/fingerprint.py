@@ -1,0 +1,155 @@
+"""The fingerprint of a cache: a hash of every setting that decides its content, and its inputs.
+
+Every consumer compares the run's fingerprint with the one a cache was written with: ``train``
+rebuilds a stale cache, ``evaluate`` / ``attribute`` refuse one (:func:`stale_reason` names what
+differs, e.g. ``data.task: ihm48 -> los7``). The inputs are stored beside the hash
+(``fingerprint.json`` and ``summary.json["fingerprint_inputs"]``) so that the difference can be
+named; caches written before they were stored still compare by hash.
+
+The hash of a config that uses none of the newer options (embeddings, a Hugging Face tokenizer,
+the decode engine) is the one earlier versions computed, so existing caches stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from hashlib import sha256
+from pathlib import Path
+
+from clinical_moe.config import Config
+
+#: Data settings that decide where or how fast the cache is written, not what it holds.
+NOT_CONTENT = ("cache_dir", "workers", "engine")
+#: Newer data settings left out of the inputs while at their default (keeps old hashes valid).
+NEW_DEFAULTS = {"embeddings": ({}, None)}
+#: Files of a Hugging Face tokenizer directory whose bytes define its vocabulary.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def hf_notes_path(cfg: Config) -> str | None:
+    """``hf_path`` of the notes encoder when it is a Hugging Face backbone (its tokenizer is used)."""
+    if "notes" not in cfg.data.modalities:
+        return None
+    spec = cfg.model.encoders.get("notes") or {}
+    if spec.get("backbone") != "hf":
+        return None
+    return spec.get("hf_path") or None
+
+
+def tokenizer_identity(path: str | Path) -> str:
+    """A hash of a tokenizer directory's vocabulary files (the same vocabulary anywhere = same id).
+
+    Raises:
+        FileNotFoundError: ``path`` holds none of :data:`TOKENIZER_FILES`.
+    """
+    path = Path(path)
+    h = sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    if not found:
+        raise FileNotFoundError(
+            f"hf_path {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained(path)); nothing is "
+            "downloaded"
+        )
+    return h.hexdigest()[:16]
+
+
+def fingerprint_inputs(cfg: Config) -> dict:
+    """Everything that decides the cache content, as a flat JSON-able dict.
+
+    The data section (less :data:`NOT_CONTENT`), the seed (it decides the split), the native
+    targets' format version, and the notes tokenizer when it is a Hugging Face model's own.
+    """
+    from clinical_moe.data.targets import TARGETS_VERSION
+
+    d = asdict(cfg.data)
+    for key in NOT_CONTENT:
+        d.pop(key, None)
+    for key, defaults in NEW_DEFAULTS.items():
+        if key in d and any(d[key] == v for v in defaults):
+            d.pop(key)
+    d["seed"] = cfg.seed
+    d["targets_version"] = TARGETS_VERSION if cfg.data.native_targets else None
+    hf = hf_notes_path(cfg)
+    if hf is not None:
+        d["notes_tokenizer"] = f"hf:{tokenizer_identity(hf)}"
+    return d
+
+
+def fingerprint_of(inputs: dict) -> str:
+    """The 16-hex-digit hash of :func:`fingerprint_inputs`."""
+    return sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_fingerprint(cfg: Config) -> str:
+    """The fingerprint a cache built from ``cfg`` carries."""
+    return fingerprint_of(fingerprint_inputs(cfg))
+
+
+def stored(cache_dir: str | Path) -> tuple[str | None, dict | None]:
+    """``(fingerprint, inputs)`` a finished cache was written with (None where not recorded)."""
+    summary = Path(cache_dir) / "summary.json"
+    if not summary.is_file():
+        return None, None
+    s = json.loads(summary.read_text())
+    return s.get("fingerprint"), s.get("fingerprint_inputs")
+
+
+def _name(key: str) -> str:
+    if key in ("seed", "targets_version"):
+        return key
+    if key == "notes_tokenizer":
+        return "notes tokenizer"
+    return f"data.{key}"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe(old: dict, new: dict) -> str:
+    """``"data.task: ihm48 -> los7, seed: 0 -> 1"``: the settings that differ, cache -> run."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            parts.append(f"{_name(key)}: {_short(a)} -> {_short(b)}")
+    return ", ".join(parts)
+
+
+def stale_reason(cfg: Config, cache_dir: str | Path | None = None) -> str | None:
+    """What differs between the cache and ``cfg`` (None when it matches or carries no fingerprint).
+
+    A cache with no fingerprint (written by a test helper, or by hand) cannot be checked and is
+    taken as it is.
+    """
+    cache_dir = Path(cache_dir or cfg.data.cache_dir)
+    old_fp, old_inputs = stored(cache_dir)
+    if old_fp is None:
+        return None
+    new_inputs = fingerprint_inputs(cfg)
+    new_fp = fingerprint_of(new_inputs)
+    if old_fp == new_fp:
+        return None
+    if old_inputs is not None:
+        return describe(old_inputs, new_inputs) or f"fingerprint {old_fp} -> {new_fp}"
+    summary = json.loads((cache_dir / "summary.json").read_text())
+    known = {"task": summary.get("task"), "modalities": summary.get("modalities")}
+    named = describe(known, {k: new_inputs.get(k) for k in known})
+    return named or f"data settings (fingerprint {old_fp} -> {new_fp}; an older cache)"

@@ -1,0 +1,111 @@
+"""Issue 13: every consumer checks the cache's fingerprint against the run's config.
+
+``train`` rebuilds a stale cache saying why in one line; ``evaluate`` / ``attribute`` (through
+``load_run``) refuse it with one line naming what differs; a cache with no fingerprint (test
+helpers) is taken as it is; old configs keep their old hash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from hashlib import sha256
+from pathlib import Path
+
+import pytest
+
+from clinical_moe.config import load_config
+from clinical_moe.data.cache import StaleCacheError, build_cache, check_cache, ensure_cache
+from clinical_moe.data.fingerprint import cache_fingerprint, stale_reason
+
+pytestmark = pytest.mark.xdist_group("synth_fingerprint")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from clinical_moe.data.synthetic import generate_corpus
+
+    root = tmp_path_factory.mktemp("fp_corpus") / "corpus"
+    generate_corpus(root, n_patients=60, seed=5, workers=1, image_size=(32, 32), quiet=True)
+    return root
+
+
+def _cfg(root: Path, cache: Path, *extra: str):
+    overrides = [
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        "data.workers=1",
+        "data.image_size=16",
+        "data.ecg_samples=100",
+        "data.note_max_len=16",
+        "data.note_vocab=100",
+        *extra,
+    ]
+    return load_config({}, overrides)
+
+
+def test_old_configs_keep_their_hash():
+    """The hash of a config without the newer options is the one earlier versions wrote."""
+    from clinical_moe.data.targets import TARGETS_VERSION
+
+    cfg = load_config({}, ["data.task=los7", "seed=3"])
+    d = asdict(cfg.data)
+    for key in ("cache_dir", "workers", "engine", "embeddings"):
+        d.pop(key, None)
+    d["seed"], d["targets_version"] = 3, TARGETS_VERSION
+    old = sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert cache_fingerprint(cfg) == old
+
+
+def test_stale_cache_is_rebuilt_by_train_and_refused_by_evaluate(corpus, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    built = _cfg(corpus, cache)
+    build_cache(built, quiet=True)
+    assert stale_reason(built) is None
+    check_cache(built)  # matches: no error
+
+    # evaluate / attribute: refused, one line naming each difference
+    for extra, named in [
+        (["data.task=los7"], "data.task: ihm48 -> los7"),
+        (["seed=1"], "seed: 0 -> 1"),
+        (["data.image_size=24"], "data.image_size: 16 -> 24"),
+        (["data.modalities=[ehr,cxr]"], "data.modalities:"),
+    ]:
+        with pytest.raises(StaleCacheError, match=named.replace("[", r"\[")) as err:
+            check_cache(_cfg(corpus, cache, *extra))
+        assert "\n" not in str(err.value)
+    # ensure_cache(rebuild=False) refuses too; settings that do not change content do not count
+    with pytest.raises(StaleCacheError):
+        ensure_cache(_cfg(corpus, cache, "data.task=los7"), quiet=True, rebuild=False)
+    assert stale_reason(_cfg(corpus, cache, "data.workers=2")) is None
+
+    # train: rebuilt in place, one warning line saying why
+    from clinical_moe.training import distributed as D
+    from pipelines import train as train_pipeline
+
+    los7 = _cfg(corpus, cache, "data.task=los7")
+    with caplog.at_level(logging.WARNING, logger="clinical_moe.data.cache"):
+        train_pipeline.ensure_cache(los7, D.DistInfo(), quiet=True)
+    lines = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(lines) == 1 and "data.task: ihm48 -> los7" in lines[0] and "rebuilding" in lines[0]
+    summary = json.loads((cache / "summary.json").read_text())
+    assert summary["task"] == "los7"
+    assert summary["fingerprint"] == cache_fingerprint(los7)
+    assert summary["fingerprint_inputs"]["task"] == "los7"
+    assert train_pipeline.data_fingerprint(cache) == cache_fingerprint(los7)
+    check_cache(los7)
+    # the old task is now the stale one
+    with pytest.raises(StaleCacheError, match="data.task: los7 -> ihm48"):
+        check_cache(built)
+
+
+def test_unfingerprinted_and_absent_caches(tmp_path):
+    from clinical_moe.testing import write_toy_cache
+
+    cfg = load_config({}, [f"data.cache_dir={tmp_path / 'toy'}"])
+    with pytest.raises(FileNotFoundError, match="clinical-moe preprocess"):
+        check_cache(cfg)
+    write_toy_cache(tmp_path / "toy", n_stays=20)
+    check_cache(cfg)  # no fingerprint: cannot be checked, taken as it is
+    assert ensure_cache(cfg) == tmp_path / "toy"
