@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 DEMO_PATIENTS ?= 2000
+# CPU threads per process; empty = one (never oversubscribes a shared machine). `make demo THREADS=4`
+THREADS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 .PHONY: demo test lint bench clean install install-dev
@@ -27,7 +29,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(PY) -m pipelines.demo --out $(DEMO_DIR) --n-patients $(DEMO_PATIENTS)
+	$(PY) -m pipelines.demo --out $(DEMO_DIR) --n-patients $(DEMO_PATIENTS) $(if $(THREADS),--threads $(THREADS))
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check clinical_moe pipelines tests benchmarks

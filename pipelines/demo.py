@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default 1, or $OMP_NUM_THREADS)",
+    )
+    p.add_argument(
         "overrides", nargs="*", help="config overrides for every head, e.g. train.epochs=2"
     )
     return p.parse_args(argv)
@@ -65,6 +71,7 @@ def head_config(args: argparse.Namespace, head: str, out: Path):
         f"data.cache_dir={out / 'cache'}",
         f"train.checkpoint_dir={out / 'checkpoints'}",
         f"seed={args.seed}",
+        *([f"train.num_threads={args.threads}"] if args.threads else []),
         *args.overrides,
     ]
     return load_config(path, overrides)
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from pipelines.common import apply_threads, quiet_downloads
+
+    quiet_downloads()
+    apply_threads(args.threads)  # one thread per process unless asked: no oversubscription
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.quiet or not sys.stderr.isatty()
@@ -161,14 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cache: {cache}")
 
     from clinical_moe.training.checkpoint import CheckpointDir
-    from pipelines.train import run_name_of, train
+    from pipelines.train import train
 
     run_ids: dict[str, str] = {}
     for i, head in enumerate(args.heads, 1):
         t = step(f"3/5 train {head} ({i}/{len(args.heads)})")
         cfg = configs[head]
-        train(cfg, quiet=quiet)
-        ckpt = CheckpointDir(Path(cfg.train.checkpoint_dir) / run_name_of(cfg))
+        ckpt = CheckpointDir(train(cfg, quiet=quiet))
         run_ids[head] = ckpt.read_run()["run_id"]
         timings[f"train_{head}_s"] = time.perf_counter() - t
 

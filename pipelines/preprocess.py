@@ -27,7 +27,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="run config YAML (data section used)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.root=/data")
-    p.add_argument("--no-resume", action="store_true", help="redo every shard")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the shards a previous (interrupted) run finished; --no-resume redoes every one",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         )
     quiet = args.quiet or not sys.stderr.isatty()
     t0 = time.perf_counter()
-    cache = build_cache(cfg, resume=not args.no_resume, quiet=quiet)
+    cache = build_cache(cfg, resume=args.resume, quiet=quiet)
     summary = json.loads((cache / "summary.json").read_text())
     elapsed = time.perf_counter() - t0
     print(f"cache: {cache}  ({summary['num_stays']} stays in {elapsed:.1f} s)")
@@ -68,6 +73,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["preprocess", *(argv if argv is not None else sys.argv[1:])])
+    from pipelines.common import apply_threads
+
+    apply_threads(None)
     return args.func(args)
 
 

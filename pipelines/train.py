@@ -8,8 +8,10 @@ cache at ``data.cache_dir`` if it is absent; open (or, with ``--resume``, re-ope
 train; log the resolved config, the data summary, the best checkpoint and the model.
 
 Checkpoints go to ``<train.checkpoint_dir>/<run name>/`` where the run name is
-``tracking.run_name`` or ``<head>-<hash of the config>``; ``--resume`` continues from ``last.pt``
-there, into the same MLflow run.
+``tracking.run_name`` or ``<head>-<hash of the config>``; running the same config again writes to
+``<run name>-2``, ``-3``, ... (never into an earlier run's folder); ``--resume`` continues the
+latest of them from its ``last.pt``, into the same MLflow run. The folder name is also the MLflow
+run name, so ``clinical-moe evaluate --run NAME`` finds it.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
     p.add_argument(
         "--resume",
-        action="store_true",
-        help="continue from the run's last checkpoint, in the same MLflow run",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="continue the latest run of this config from its last checkpoint, in the same "
+        "MLflow run (default: a new run in a new checkpoint folder)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -57,13 +61,41 @@ def config_hash(cfg: Config) -> str:
     d = to_dict(cfg)
     d.pop("tracking")
     d.pop("pretrain", None)  # `clinical-moe pretrain` settings; its files enter via model.encoders
-    for key in ("checkpoint_dir", "device", "num_workers"):
+    for key in ("checkpoint_dir", "device", "num_workers", "num_threads"):
         d["train"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def run_name_of(cfg: Config) -> str:
+    """The base name of this config's runs: ``tracking.run_name`` or ``<head>-<config hash>``."""
     return cfg.tracking.run_name or f"{cfg.model.name}-{config_hash(cfg)}"
+
+
+def run_dirs(cfg: Config) -> list[Path]:
+    """The checkpoint folders of earlier runs of this config, oldest first.
+
+    The first run of a config lives in ``<train.checkpoint_dir>/<run name>``, the next ones in
+    ``<run name>-2``, ``<run name>-3``, ...; a folder counts once it holds ``run.json``.
+    """
+    from clinical_moe.training.checkpoint import RUN_FILE
+
+    root, base, out = Path(cfg.train.checkpoint_dir), run_name_of(cfg), []
+    for k in range(1, 10_000):
+        path = root / (base if k == 1 else f"{base}-{k}")
+        if not (path / RUN_FILE).is_file():
+            break
+        out.append(path)
+    return out
+
+
+def next_run_dir(cfg: Config, resume: bool) -> Path:
+    """``--resume``: the latest run's folder; otherwise a fresh folder no earlier run wrote into."""
+    done = run_dirs(cfg)
+    if resume and done:
+        return done[-1]
+    base = run_name_of(cfg)
+    k = len(done) + 1
+    return Path(cfg.train.checkpoint_dir) / (base if k == 1 else f"{base}-{k}")
 
 
 def ensure_cache(cfg: Config, info: D.DistInfo, quiet: bool) -> Path:
@@ -152,25 +184,33 @@ def log_model(trainer, logger) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, first
+    if getattr(args, "threads", None):
+        cfg.train.num_threads = args.threads  # --threads wins over the config
     info = D.init_distributed(cfg.train.device)
     try:
-        return train(cfg, info, resume=args.resume, quiet=args.quiet)
+        train(cfg, info, resume=args.resume, quiet=args.quiet)
+        return 0
     finally:
         D.cleanup()
 
 
 def train(
     cfg: Config, info: D.DistInfo | None = None, resume: bool = False, quiet: bool = False
-) -> int:
-    """Train ``cfg`` end to end (see the module docstring); returns 0."""
+) -> Path:
+    """Train ``cfg`` end to end (see the module docstring).
+
+    Returns:
+        The run's checkpoint folder (``run.json`` there holds its MLflow run id).
+    """
     from clinical_moe.training.checkpoint import CheckpointDir, load_checkpoint
     from clinical_moe.training.engine import Trainer
 
     info = info or D.DistInfo()
     quiet = quiet or not sys.stderr.isatty() or not info.is_main
     cache = ensure_cache(cfg, info, quiet)
-    name = run_name_of(cfg)
-    ckpt = CheckpointDir(Path(cfg.train.checkpoint_dir) / name)
+    folder = D.broadcast_object(next_run_dir(cfg, resume) if info.is_main else None, info)
+    name = folder.name  # also the MLflow run name: `--run NAME` finds it
+    ckpt = CheckpointDir(folder)
 
     state, run_id, finished = None, None, False
     if info.is_main:
@@ -185,7 +225,7 @@ def train(
         else:
             ckpt.clear()
     if D.broadcast_object(finished, info):
-        return 0
+        return ckpt.path
     state = D.broadcast_object(state, info)  # no shared filesystem needed between nodes
     logger = open_logger(cfg, info, name, D.broadcast_object(run_id, info))
     try:
@@ -227,7 +267,7 @@ def train(
     logger.close("FINISHED")
     if info.is_main:
         ckpt.write_run({**ckpt.read_run(), "finished": True})
-    return 0
+    return ckpt.path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from pipelines.common import apply_threads, quiet_downloads
+
+    quiet_downloads()
+    apply_threads(None)
     return args.func(args)
 
 

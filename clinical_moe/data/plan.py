@@ -132,7 +132,10 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     root = Path(d.root)
     mimic_iv = root / RELEASES["ehr"]
     if not mimic_iv.is_dir():
-        raise FileNotFoundError(f"MIMIC-IV root not found: {mimic_iv} (data.root = {root})")
+        raise FileNotFoundError(
+            f"MIMIC-IV root not found: {mimic_iv} (data.root = {root}); write a synthetic corpus "
+            f"there with `clinical-moe synth --out {root}`, or set data.root=<your MIMIC folder>"
+        )
     modalities = set(d.modalities)
     # With EHR in the run, its one pass over the event tables also decides the cohort's
     # "observation in the window" rule, instead of build_cohort scanning them a second time.
