@@ -217,3 +217,39 @@ def test_target_loss_teaches_the_encoder_its_modality():
     assert aux_probe > 0.9, aux_probe
     assert aux_probe - task_probe > 0.2, (aux_probe, task_probe)
     assert np.isfinite([head_auroc, aux_probe, task_probe]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and wiring
+
+
+def test_encoder_aux_config_is_checked():
+    from clinical_moe.config import ConfigError, load_config
+
+    assert load_config().train.encoder_aux == {"cxr": 1.0, "ecg": 1.0}
+    with pytest.raises(ConfigError, match=r"encoder_aux.*'cxrr'.*cxr"):
+        load_config(None, ["train.encoder_aux={cxrr: 1.0}"])
+    with pytest.raises(ConfigError, match="encoder_aux.ecg"):
+        load_config(None, ["train.encoder_aux={ecg: -1}"])
+
+
+def test_target_heads_only_where_targets_weight_and_a_trainable_backbone():
+    from types import SimpleNamespace
+
+    from clinical_moe.config import load_config
+    from clinical_moe.training.engine import cache_targets, encoder_options
+
+    summary = {
+        "targets": {"cxr": ["a", "b"], "ecg": ["x", "hr"], "notes": []},
+        "target_kinds": {"cxr": {"a": "binary"}, "ecg": {"x": "binary", "hr": "continuous"}},
+    }
+    targets, continuous = cache_targets(SimpleNamespace(summary=summary))
+    assert targets == {"cxr": ["a", "b"], "ecg": ["x", "hr"]}
+    assert continuous["ecg"].tolist() == [False, True] and continuous["cxr"].tolist() == [False] * 2
+    cfg = load_config(None, ["model.encoders={ecg: {freeze: backbone}}"])
+    opts = encoder_options(cfg, {}, targets)
+    assert opts["cxr"]["num_targets"] == 2
+    assert "num_targets" not in opts["ecg"]  # a frozen backbone cannot learn from the loss
+    off = load_config(None, ["train.encoder_aux={cxr: 0.0}"])
+    assert "num_targets" not in encoder_options(off, {}, targets).get("cxr", {})
+    assert encoder_options(cfg, {}, {}) == {"ecg": {"freeze": "backbone"}}  # old caches: no heads
