@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +16,40 @@ from clinical_moe.data.store import CacheStore
 from clinical_moe.types import Batch
 
 Sample = dict  # {"id": int, "label": np.ndarray, "present": {m: bool}, m: {key: array} | None}
+
+
+def present_modalities(cache_dir: str | Path, modalities: Sequence[str]) -> list[str]:
+    """``modalities`` less those no stay of the cache has, each dropped with a warning naming it.
+
+    An absent release (e.g. only ``mimic-iv/`` under ``data.root``) makes its modality missing
+    for every stay; the model is then built without it rather than failing on its unknown shapes.
+
+    Raises:
+        ValueError: No stay of the cache has any of ``modalities``.
+    """
+    store = CacheStore(cache_dir)
+    manifest = store.manifest
+    kept, dropped = [], []
+    for m in modalities:
+        col = f"has_{m}"
+        if col in manifest and not manifest[col].astype(bool).any():
+            dropped.append(m)
+        else:
+            kept.append(m)  # present, or not in the cache at all (CachedDataset names it)
+    why = store.summary.get("empty_modalities", {}) if dropped else {}
+    for m in dropped:
+        reason = f" ({why[m]})" if m in why else ""
+        warnings.warn(
+            f"no stay in the cache {cache_dir} has modality {m!r}{reason}: "
+            f"it is dropped from the model",
+            stacklevel=2,
+        )
+    if not kept:
+        raise ValueError(
+            f"no stay in the cache {cache_dir} has any of the modalities {list(modalities)}; "
+            "check data.root and the preprocessing summary"
+        )
+    return kept
 
 
 class CachedDataset(Dataset):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from clinical_moe.config import Config
-from clinical_moe.data.dataset import CachedDataset, Collator
+from clinical_moe.data.dataset import CachedDataset, Collator, present_modalities
 from clinical_moe.metrics import classification_metrics, probabilities
 from clinical_moe.model import MultimodalModel, create_model, default_encoder_type
 from clinical_moe.registry import ENCODERS, HEADS
@@ -72,6 +72,7 @@ class Data:
     encoder_kwargs: dict = field(default_factory=dict)
     targets: dict[str, list[str]] = field(default_factory=dict)  # per-event target names
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)  # (K,) bool per modality
+    modalities: list[str] = field(default_factory=list)  # of the model: the cache's non-empty ones
 
 
 def cache_targets(store) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
@@ -103,8 +104,11 @@ def cache_targets(store) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]
 
 
 def build_data(cfg: Config, cache_dir: str | Path) -> Data:
-    """Open the cache's splits, infer the task from its label columns, read its target names."""
-    mods = list(cfg.data.modalities)
+    """Open the cache's splits, infer the task from its label columns, read its target names.
+
+    A modality no stay of the cache has (an absent release) is left out, with a warning naming it.
+    """
+    mods = present_modalities(cache_dir, cfg.data.modalities)
     train = CachedDataset(cache_dir, "train", mods)
     val = CachedDataset(cache_dir, "val", mods)
     has_test = "test" in set(train.store.manifest["split"])
@@ -114,17 +118,19 @@ def build_data(cfg: Config, cache_dir: str | Path) -> Data:
     summary = train.store.summary.get("encoder_kwargs", {}) or {}
     targets, continuous = cache_targets(train.store)
     n_classes = num_classes_for(task, train.label_columns, labels)
-    return Data(train, val, test, task, n_classes, summary, targets, continuous)
+    return Data(train, val, test, task, n_classes, summary, targets, continuous, modalities=mods)
 
 
-def target_modalities(cfg: Config, targets: dict[str, list[str]]) -> list[str]:
+def target_modalities(
+    cfg: Config, targets: dict[str, list[str]], modalities: list[str] | None = None
+) -> list[str]:
     """Modalities whose encoder gets a per-event target head and auxiliary loss in ``train``.
 
     Those with a weight > 0 in ``train.encoder_aux``, targets in the cache, an encoder that takes
     ``num_targets``, and a trainable backbone (a frozen backbone cannot learn from the loss).
     """
     out = []
-    for m in cfg.data.modalities:
+    for m in modalities or cfg.data.modalities:
         spec = cfg.model.encoders.get(m) or {}
         kind = spec.get("type") or default_encoder_type(m)
         takes = "num_targets" in inspect.signature(ENCODERS.get(kind)).parameters
@@ -134,7 +140,12 @@ def target_modalities(cfg: Config, targets: dict[str, list[str]]) -> list[str]:
     return out
 
 
-def encoder_options(cfg: Config, cache_kwargs: dict, targets: dict | None = None) -> dict:
+def encoder_options(
+    cfg: Config,
+    cache_kwargs: dict,
+    targets: dict | None = None,
+    modalities: list[str] | None = None,
+) -> dict:
     """``cfg.model.encoders`` + the cache's required encoder options, for the modalities used.
 
     The cache's options (e.g. the note vocabulary size) describe the data, so they win over the
@@ -142,8 +153,8 @@ def encoder_options(cfg: Config, cache_kwargs: dict, targets: dict | None = None
     ``targets``, encoders of :func:`target_modalities` get ``num_targets`` (their target head).
     """
     out = {}
-    with_targets = target_modalities(cfg, targets or {})
-    for m in cfg.data.modalities:
+    with_targets = target_modalities(cfg, targets or {}, modalities)
+    for m in modalities or cfg.data.modalities:
         spec = dict(cfg.model.encoders.get(m) or {})
         if spec.get("type", m) == m:
             spec.update(cache_kwargs.get(m, {}))
@@ -161,11 +172,11 @@ def build_model(cfg: Config, data: Data) -> MultimodalModel:
         head["task"] = data.task
     return create_model(
         cfg.model.name,
-        modalities=cfg.data.modalities,
+        modalities=data.modalities or cfg.data.modalities,
         num_classes=data.num_classes,
         d_model=cfg.model.d_model,
         num_tokens=cfg.model.num_tokens,
-        encoders=encoder_options(cfg, data.encoder_kwargs, data.targets),
+        encoders=encoder_options(cfg, data.encoder_kwargs, data.targets, data.modalities),
         **head,
     )
 
@@ -231,7 +242,7 @@ def evaluate(
         num_workers=cfg.train.num_workers,
         generator=seeded(cfg.seed, 7),
     )
-    stats = RoutingStats(cfg.data.modalities) if routing else None
+    stats = RoutingStats(dataset.modalities) if routing else None
     ids, y, logits = predict(model, loader, info.device, stats)
     parts = D.gather_objects((ids, y, logits, stats), info)
     y = torch.cat([p[1] for p in parts])
@@ -244,7 +255,7 @@ def evaluate(
     }
     out[f"{prefix}_loss"] = float(task_loss(logits, y, data.task)) if len(y) else math.nan
     if routing:
-        merged = RoutingStats(cfg.data.modalities)
+        merged = RoutingStats(dataset.modalities)
         for p in parts:  # every rank's counts
             merged.merge(p[3])
         out.update(merged.compute())
