@@ -207,12 +207,17 @@ def build_cache(
     fp = _fingerprint(cfg)
     fp_file = cache_dir / "fingerprint.json"
     if fp_file.exists():
-        old = json.loads(fp_file.read_text()).get("fingerprint")
+        written = json.loads(fp_file.read_text())
+        old = written.get("fingerprint")
         # issue 15: a fingerprint with no shard beside it (a failed run) blocks nothing
         if old != fp and resume and (cache_dir / "shards").is_dir():
+            from clinical_moe.data.fingerprint import describe
+
+            what = describe(written.get("inputs") or {}, fingerprint_inputs(cfg))
+            what = what if written.get("inputs") else f"{old} != {fp}"
             raise ValueError(
-                f"{cache_dir} holds a cache built with other data settings ({old} != {fp}); "
-                "delete it or choose another data.cache_dir"
+                f"{cache_dir} holds a cache built with other data settings ({what}, cache -> run); "
+                "delete it, choose another data.cache_dir, or rebuild it with --no-resume"
             )
     summary_file = cache_dir / "summary.json"  # written last: its fingerprint marks a whole cache
     if resume and _complete(cache_dir, summary_file, fp):

@@ -127,7 +127,8 @@ def describe(old: dict, new: dict) -> str:
     """``"data.task: ihm48 -> los7, seed: 0 -> 1"``: the settings that differ, cache -> run."""
     parts = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        unset = "word-level" if key == "notes_tokenizer" else "<unset>"
+        a, b = old.get(key, unset), new.get(key, unset)
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             parts.append(f"{_name(key)}: {_short(a)} -> {_short(b)}")
     return ", ".join(parts)

@@ -241,7 +241,9 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         summary["ecg"] = {"paired_records": int(len(pairs)), "stays": len(plan.ecg)}
 
     if "notes" in modalities and (note_root := _release(root, "notes")) is not None:
-        plan.notes, summary["notes"] = _plan_notes(cohort, note_root, d)
+        from clinical_moe.data.fingerprint import hf_notes_path
+
+        plan.notes, summary["notes"] = _plan_notes(cohort, note_root, d, hf_notes_path(cfg))
 
     plan.target_names = {m: summary["targets"][m] for m in plan.targets}
     summary["encoder_kwargs"] = {
@@ -253,17 +255,27 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     return plan
 
 
-def _plan_notes(cohort: pd.DataFrame, note_root: Path, d) -> tuple[dict, dict]:
-    """Pair notes before prediction time, fit the tokenizer on train notes, tokenise."""
+def _plan_notes(
+    cohort: pd.DataFrame, note_root: Path, d, hf_path: str | None = None
+) -> tuple[dict, dict]:
+    """Pair notes before prediction time, fit the tokenizer on train notes, tokenise.
+
+    With ``hf_path`` (a Hugging Face notes backbone) the model's own tokenizer is used instead
+    of the package's word-level one (issue 13), so the ids mean what the model's embeddings mean.
+    """
     from clinical_moe.data.notes import NoteTokenizer, load_notes, pair_notes
 
     notes = load_notes(note_root, subject_ids=cohort["subject_id"].astype(int))
     paired = pair_notes(cohort, notes, prediction_hours=d.window_hours, max_notes=d.max_events)
     split_of = dict(zip(cohort["stay_id"].astype(int), cohort["split"]))
     is_train = paired["stay_id"].astype(int).map(split_of).eq("train").to_numpy()
-    tok = NoteTokenizer(max_vocab=d.note_vocab, max_len=d.note_max_len).fit(
-        paired.loc[is_train, "text"]
-    )
+    if hf_path:
+        from clinical_moe.data.hf_tokenizer import HFNoteTokenizer
+
+        tok = HFNoteTokenizer(hf_path, max_len=d.note_max_len)
+    else:
+        tok = NoteTokenizer(max_vocab=d.note_vocab, max_len=d.note_max_len)
+    tok.fit(paired.loc[is_train, "text"])
     ids, _ = tok.transform_padded(paired["text"])  # (n_notes, L)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     stay_ids = paired["stay_id"].astype(int).to_numpy()
@@ -276,5 +288,6 @@ def _plan_notes(cohort: pd.DataFrame, note_root: Path, d) -> tuple[dict, dict]:
         "excluded": dict(paired.attrs.get("exclusions", {})),
         "vocab_size": len(tok.vocab_),
         "train_notes": int(is_train.sum()),
+        "tokenizer": f"hf:{tok.identity_}" if hf_path else "word-level",
     }
     return out, summary
