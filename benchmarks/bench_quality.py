@@ -62,6 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="take a seed's table from WORK/quality-n<N>-s<seed>.csv when it is there",
     )
+    p.add_argument(
+        "--no-pretrain",
+        dest="pretrain",
+        action="store_false",
+        help="train each head's CXR / ECG encoders itself (default: pretrain them once per seed on "
+        "their own labels and reuse them, frozen, in every head: the documented comparison route)",
+    )
+    p.add_argument(
+        "--attribute",
+        nargs="*",
+        default=None,
+        help="heads to attribute on the test split (faithfulness + encoder probes); default every "
+        "head; give the flag alone for none",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides for every head")
     add_common_args(p)
     return p.parse_args(argv)
@@ -77,8 +91,56 @@ def time_to_best(client, run_id: str) -> tuple[float, int]:
     return (best.timestamp - run.info.start_time) / 1000.0, int(best.step)
 
 
-def seed_table(work: Path, n_patients: int, seed: int) -> Path:
-    return work / f"quality-n{n_patients}-s{seed}.csv"
+def seed_table(work: Path, n_patients: int, seed: int, kind: str = "quality") -> Path:
+    """A seed's saved table: ``quality`` (one row per head and rate), ``probe``, ``faithfulness``."""
+    return work / f"{kind}-n{n_patients}-s{seed}.csv"
+
+
+def pretrained_encoders(args, seed: int, head_cfg_path: Path, base: list[str], work: Path):
+    """Pretrain the CXR and ECG encoders once for the seed; the overrides that load them frozen.
+
+    Every head then gets the same encoder backbones (``freeze: backbone``: each head still trains
+    its own token projection), so heads differ only in fusion.
+    """
+    from clinical_moe.config import load_config
+    from clinical_moe.training.pretrain import pretrain_encoders
+
+    out = work / f"pretrained-n{args.n_patients}-s{seed}"
+    mods = [m for m in ("cxr", "ecg") if not (out / f"{m}.pt").is_file()]
+    if mods:
+        cfg = load_config(head_cfg_path, [*base, f"tracking.run_name=pretrain-s{seed}"])
+        pretrain_encoders(cfg, mods, out, quiet=True)
+    overrides = []
+    for m in ("cxr", "ecg"):
+        overrides += [
+            f"model.encoders.{m}.pretrained={out / f'{m}.pt'}",
+            f"model.encoders.{m}.freeze=backbone",
+        ]
+    return overrides
+
+
+def attribution_tables(args, seed: int, runs: dict[str, str], uri: str, work: Path):
+    """Faithfulness and encoder-probe rows of the attributed heads (Shapley; IG skipped)."""
+    from pipelines.attribute import attribute
+
+    heads = list(runs) if args.attribute is None else [h for h in args.attribute if h in runs]
+    faith, probe = [], []
+    for head in heads:
+        tables = attribute(
+            run_id=runs[head],
+            out=work / f"attribution-n{args.n_patients}-s{seed}" / head,
+            tracking_uri=uri,
+            quiet=True,
+            ig_steps=0,
+            probe_train=2000,
+        )
+        for name, rows in (("faithfulness", faith), ("encoder_probe", probe)):
+            t = tables.get(name)
+            if t is not None and len(t):
+                rows.append(t.assign(seed=seed, head=head))
+    for kind, rows in (("faithfulness", faith), ("probe", probe)):
+        if rows:
+            pd.concat(rows).to_csv(seed_table(work, args.n_patients, seed, kind), index=False)
 
 
 def one_seed(args, seed: int, heads: list[str], work: Path) -> pd.DataFrame:
@@ -111,21 +173,27 @@ def one_seed(args, seed: int, heads: list[str], work: Path) -> pd.DataFrame:
     runs: dict[str, str] = {}
     rows = []
     client = mlflow.MlflowClient(uri)
+    base = [
+        f"data.root={corpus}",
+        f"data.cache_dir={cache}",
+        f"seed={seed}",
+        f"train.checkpoint_dir={work / 'checkpoints'}",
+        f"tracking.uri={uri}",
+        "tracking.log_model=false",
+        *([f"train.num_threads={args.threads}"] if args.threads else []),
+        *args.overrides,
+    ]
+    build_cache(
+        load_config(Path(args.config_dir) / f"{heads[0]}.yaml", base), resume=True, quiet=True
+    )
+    shared = []
+    if args.pretrain:
+        shared = pretrained_encoders(
+            args, seed, Path(args.config_dir) / f"{heads[0]}.yaml", base, work
+        )
     for head in heads:
-        overrides = [
-            f"data.root={corpus}",
-            f"data.cache_dir={cache}",
-            f"seed={seed}",
-            f"train.checkpoint_dir={work / 'checkpoints'}",
-            f"tracking.uri={uri}",
-            "tracking.log_model=false",
-            f"tracking.run_name={head}-n{args.n_patients}-s{seed}",
-            *([f"train.num_threads={args.threads}"] if args.threads else []),
-            *args.overrides,
-        ]
+        overrides = [*base, *shared, f"tracking.run_name={head}-n{args.n_patients}-s{seed}"]
         cfg = load_config(Path(args.config_dir) / f"{head}.yaml", overrides)
-        if head == heads[0]:
-            build_cache(cfg, resume=True, quiet=True)
         t0 = time.perf_counter()
         train(cfg, quiet=True)
         wall = time.perf_counter() - t0
@@ -177,6 +245,7 @@ def one_seed(args, seed: int, heads: list[str], work: Path) -> pd.DataFrame:
         out[f"ceiling_{pattern}_only"] = out["run_id"].map(pts["ceiling_auroc"])
         out[f"auroc_over_ceiling_{pattern}_only"] = out["run_id"].map(pts["auroc_over_ceiling"])
     out.to_csv(seed_table(work, args.n_patients, seed), index=False)
+    attribution_tables(args, seed, runs, uri, work)
     return out
 
 
@@ -188,7 +257,11 @@ def child_argv(args, seed: int) -> list[str]:
     argv += ["--image-size", *map(str, args.image_size), "--threads", str(args.threads)]
     if args.heads:
         argv += ["--heads", *args.heads]
-    return argv + list(args.overrides)
+    if not args.pretrain:
+        argv += ["--no-pretrain"]
+    if args.attribute is not None:
+        argv += ["--attribute", *args.attribute]
+    return [*argv, "--", *args.overrides]  # "--": overrides are not --attribute's heads
 
 
 def run_seeds(args, heads: list[str], work: Path) -> pd.DataFrame:
@@ -217,6 +290,11 @@ def run_seeds(args, heads: list[str], work: Path) -> pd.DataFrame:
 def _mean(df: pd.DataFrame, col: str) -> float:
     """Mean of ``col`` over seeds (NaN when the column is absent: real data, old tables)."""
     return float(df[col].mean()) if col in df and df[col].notna().any() else float("nan")
+
+
+def _per_seed(df: pd.DataFrame, col: str) -> dict[int, float]:
+    """``{seed: value}`` of ``col`` (empty when the column is absent: old tables)."""
+    return dict(zip(df["seed"].astype(int), df[col].astype(float))) if col in df else {}
 
 
 def ceiling_targets(heads: dict, mcar: float) -> dict:
@@ -275,6 +353,9 @@ def summarise(table: pd.DataFrame, mcar: float) -> dict:
             f"ceiling_auroc_mcar{mcar}": _mean(mis, "ceiling_auroc"),
             **{f"ceiling_auroc_{p}_only": _mean(nat, f"ceiling_{p}_only") for p in PATTERNS},
             "auroc_natural": float(nat["value_auroc"].mean()),
+            "auroc_natural_per_seed": _per_seed(nat, "value_auroc"),
+            "auroc_over_ceiling_natural_per_seed": _per_seed(nat, "auroc_over_ceiling"),
+            f"auroc_mcar{mcar}_per_seed": _per_seed(mis, "value_auroc"),
             "auroc_natural_sd": float(nat["value_auroc"].std(ddof=1)) if len(nat) > 1 else None,
             "auroc_natural_ci_first_seed": [
                 float(nat["ci_low_auroc"].iloc[0]),
@@ -312,6 +393,56 @@ def summarise(table: pd.DataFrame, mcar: float) -> dict:
     }
 
 
+def side_summaries(work: Path, n_patients: int, seeds: list[int]) -> dict:
+    """Encoder probes and faithfulness over seeds (per-seed values with their bootstrap CIs)."""
+    out: dict = {}
+    frames = {
+        kind: [
+            pd.read_csv(f)
+            for f in (seed_table(work, n_patients, s, kind) for s in seeds)
+            if f.is_file()
+        ]
+        for kind in ("probe", "faithfulness")
+    }
+    if frames["probe"]:
+        probe = pd.concat(frames["probe"])
+        rows = {}
+        for (head, m, factor), g in probe.groupby(["head", "modality", "factor"]):
+            rows.setdefault(head, {})[f"{m}->{factor}"] = {
+                "auroc_mean": float(g["auroc"].mean()),
+                "per_seed": {
+                    int(r.seed): [float(r.auroc), float(r.ci_low), float(r.ci_high)]
+                    for r in g.itertuples()
+                },
+            }
+        out["encoder_probe"] = rows
+        key = probe[
+            ((probe["modality"] == "cxr") & (probe["factor"] == "pulmonary"))
+            | ((probe["modality"] == "ecg") & (probe["factor"] == "cardiac"))
+        ]
+        out["targets_probe"] = {
+            "cxr_pulmonary_and_ecg_cardiac_ge_0.95_every_head_and_seed": (
+                bool((key["auroc"] >= 0.95).all()) if len(key) else None
+            ),
+            "min_auroc": float(key["auroc"].min()) if len(key) else None,
+        }
+    if frames["faithfulness"]:
+        faith = pd.concat(frames["faithfulness"])
+        rows = {}
+        for (head, method, metric), g in faith.groupby(["head", "method", "metric"]):
+            rows.setdefault(head, {})[f"{method}:{metric}"] = {
+                "mean": float(g["value"].mean()),
+                "per_seed": {
+                    int(r.seed): [float(r.value), float(r.ci_low), float(r.ci_high), int(r.n_stays)]
+                    for r in g.itertuples()
+                    if r.n_stays == r.n_stays
+                },
+                "oracle": float(g["oracle"].mean()) if "oracle" in g else None,
+            }
+        out["faithfulness"] = rows
+    return out
+
+
 def main(argv=None, quiet: bool = False) -> dict:
     """Run the benchmark; print (unless ``quiet``) and return the JSON report."""
     args = parse_args(argv)
@@ -330,6 +461,7 @@ def main(argv=None, quiet: bool = False) -> dict:
     table = run_seeds(args, heads, work)
     table.to_csv(work / f"quality-n{args.n_patients}.csv", index=False)
     report.update(summarise(table, args.mcar))
+    report.update(side_summaries(work, args.n_patients, args.seeds))
     report["seconds"] = time.perf_counter() - t0
     report["table"] = str(work / f"quality-n{args.n_patients}.csv")
     if not quiet:

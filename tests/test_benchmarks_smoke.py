@@ -225,8 +225,21 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
 
     argv = ["--n-patients", "120", "--seeds", "0", "1", "--heads", "late", "concat"]
     argv += ["--config-dir", "configs/tiny", "--bootstrap", "10", "--image-size", "32", "48"]
-    argv += ["--work", str(tmp_path), "--out", str(tmp_path / "quality.json"), "train.epochs=1"]
+    argv += ["--work", str(tmp_path), "--out", str(tmp_path / "quality.json"), "--attribute"]
+    argv += [
+        "concat",
+        "--",
+        "train.epochs=1",
+        "pretrain.epochs=1",
+        "pretrain.max_steps_per_epoch=2",
+    ]
     report = bench_quality.main(argv, quiet=True)
+    # issue 12: encoders pretrained once per seed and shared by every head, probed per head
+    assert (tmp_path / "pretrained-n120-s1" / "cxr.pt").is_file()
+    probe = report["encoder_probe"]["concat"]
+    assert {"cxr->pulmonary", "ecg->cardiac"} <= set(probe)
+    assert set(probe["cxr->pulmonary"]["per_seed"]) == {0, 1}
+    assert "targets_probe" in report and "concat" in report["faithfulness"]
     check_environment(report)
     check_written(report, tmp_path / "quality.json")
     assert set(report["heads"]) == {"late", "concat"}
@@ -244,7 +257,8 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
     table = bench_quality.pd.read_csv(report["table"])
     assert len(table) == 2 * 2 * 2  # seeds x heads x (natural, MCAR)
     # Each seed's table is kept; --reuse takes them instead of training again.
-    again = bench_quality.main([*argv, "--reuse"], quiet=True)
+    cut = argv.index("--")
+    again = bench_quality.main([*argv[:cut], "--reuse", *argv[cut:]], quiet=True)
     assert again["heads"] == report["heads"] and again["seconds"] < report["seconds"]
     summary = run_all.summarize("quality", report)
     assert set(summary["heads"]) == {"late", "concat"} and "best_head" in summary["targets"]
