@@ -27,7 +27,10 @@ faithful attribution of the mortality log-odds should follow these effects. Defi
     others are negative);
   - ``<group>_<carriers>_top<c>_abs``: the same ranking by |attribution|;
   - ``<group>_<carriers>_share``: mean share of the carrier(s) in the total |attribution| of the
-    present modalities.
+    present modalities;
+  - ``<group>_agree_true_top1_abs``: share of stays whose top modality by |attribution| is the
+    true effects' top modality by |.| (oracle 1 by construction: the figure a faithful method can
+    reach on every group).
 
   ``chance`` is what a random ranking (or an even split of |attribution|) gives and ``oracle``
   what the true effects themselves give under the same figure: below 1 where the truth puts
@@ -208,6 +211,15 @@ def group_rows(
             rows.append(
                 _row(method, spec.name, f"{name}_top{c}_{label}", stats, n, chance, oracle, note)
             )
+        # Agreement with the truth's own ranking: reachable (1.0) by a perfectly faithful method
+        # even where the truth puts another modality first (e.g. ECG's "no cardiac disease").
+        top_a = np.where(h, np.abs(a), -np.inf).argmax(1)  # (n,)
+        top_t = np.where(h, np.abs(t), -np.inf).argmax(1)  # (n,)
+        stats = bootstrap_mean_ci((top_a == top_t).astype(float), n_boot, seed)
+        chance = float((1.0 / np.maximum(k, 1)).mean()) if n else np.nan
+        rows.append(
+            _row(method, spec.name, f"{spec.name}_agree_true_top1_abs", stats, n, chance, 1.0, note)
+        )
         share = carrier_share(a, h, idx)
         oracle = float(np.nanmean(carrier_share(t, h, idx))) if n else np.nan
         chance = float((c / k).mean()) if n else np.nan

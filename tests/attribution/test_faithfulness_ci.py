@@ -137,3 +137,24 @@ def test_groups_widen_the_severity_bound_until_they_hold_min_n_stays():
     _, small = assign_groups(stays.head(100), present.head(100), MODS, min_n=50)
     assert small["warning"].str.startswith("small n").all()
     assert np.isinf(small.set_index("group").loc["cardiac_only", "severity_max"])
+
+
+def test_agreement_with_the_true_top1_is_one_for_the_truth_and_chance_for_noise():
+    from clinical_moe.attribution.faithfulness import group_rows
+
+    rng = np.random.default_rng(0)
+    mods = ("ehr", "cxr", "ecg", "notes")
+    n = 400
+    true = rng.normal(size=(n, 4))
+    has = np.ones((n, 4), bool)
+    groups = np.array(["cardiac_only"] * n)
+
+    def agree(attr):
+        rows = group_rows("m", attr, true, has, groups, mods, n_boot=50)
+        return next(r for r in rows if r["metric"] == "cardiac_only_agree_true_top1_abs")
+
+    exact = agree(true * 3.0)
+    assert exact["value"] == 1.0 and exact["oracle"] == 1.0
+    noise = agree(rng.normal(size=(n, 4)))
+    assert abs(noise["value"] - 0.25) < 0.08 and noise["chance"] == 0.25
+    assert noise["ci_low"] <= noise["value"] <= noise["ci_high"]
