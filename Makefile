@@ -40,6 +40,7 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check clinical_moe pipelines tests benchmarks
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.run_all
 
 clean:

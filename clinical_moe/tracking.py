@@ -42,7 +42,9 @@ class RunLogger(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
-    def log_model(self, model: Any, example: Any) -> None: ...
+    def log_model(
+        self, artifacts: dict[str, str], example: Any, output: Any, name: str = "model"
+    ) -> None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -80,7 +82,7 @@ class NullLogger:
     def set_tags(self, tags):
         pass
 
-    def log_model(self, model, example):
+    def log_model(self, artifacts, example, output, name="model"):
         pass
 
     def close(self, status="FINISHED"):
@@ -113,7 +115,7 @@ class StdoutLogger:
     def set_tags(self, tags):
         self.tags.update(tags)
 
-    def log_model(self, model, example):
+    def log_model(self, artifacts, example, output, name="model"):
         pass
 
     def close(self, status="FINISHED"):
@@ -207,40 +209,32 @@ class MlflowLogger:
         for k, v in tags.items():
             self.client.set_tag(self._run_id, k, str(v))
 
-    def log_model(self, model: Any, example: Any) -> None:
-        """Log ``model`` (a :class:`~clinical_moe.training.export.FlatModel`) with a signature.
+    def log_model(
+        self, artifacts: dict[str, str], example: Any, output: Any, name: str = "model"
+    ) -> None:
+        """Log the trained model as an MLflow pyfunc (:mod:`clinical_moe.serving`), no pickle.
 
         Args:
-            model: An ``nn.Module`` taking flat tensors (MLflow's pytorch flavor cannot take a Batch).
-            example: ``dict[str, np.ndarray]`` of its inputs; the signature is inferred from it and
-                the model's output on it.
+            artifacts: ``{"weights": state_dict .pt, "config": config.yaml, "data": data.json}``.
+            example: ``dict[str, np.ndarray]`` of per-modality inputs (the input example).
+            output: The model's probabilities on ``example`` (the output part of the signature).
+            name: The logged model's name (e.g. the head and run name).
         """
         if not self._log_model:
             return
-        import torch
-        from mlflow.models import infer_signature
+        from clinical_moe.serving import ENTRY, pip_requirements, signature_for
 
         mlflow = self._mlflow
-        with torch.no_grad():
-            out = model(*[torch.from_numpy(v) for v in example.values()]).numpy()
-        signature = infer_signature(example, out)
-        # The flat wrapper is pickled (its submodules are ours); MLflow warns about pickle on
-        # every call, which says nothing to a user who loads runs they trained themselves.
-        quiet = logging.getLogger("mlflow.pytorch")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            with mlflow.start_run(run_id=self._run_id):
-                mlflow.pytorch.log_model(
-                    model,
-                    name="model",
-                    signature=signature,
-                    serialization_format="pickle",
-                    # explicit requirements: skips MLflow's slow requirement inference subprocess
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clinical_moe"],
-                )
-        finally:
-            quiet.setLevel(level)
+        with mlflow.start_run(run_id=self._run_id):
+            # A model from code: MLflow runs ENTRY to get the model object and unpickles nothing.
+            mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(ENTRY),
+                artifacts=dict(artifacts),
+                signature=signature_for(example, output),
+                input_example=example,
+                pip_requirements=pip_requirements(),  # explicit: no slow inference subprocess
+            )
 
     def close(self, status: str = "FINISHED") -> None:
         if self._mlflow.active_run() is not None:

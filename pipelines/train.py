@@ -98,6 +98,12 @@ def next_run_dir(cfg: Config, resume: bool) -> Path:
     return Path(cfg.train.checkpoint_dir) / (base if k == 1 else f"{base}-{k}")
 
 
+def model_name(cfg: Config, run_name: str) -> str:
+    """The logged model's name: the head, and the run name when it does not already say it."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in run_name)
+    return safe if safe.startswith(cfg.model.name) else f"{cfg.model.name}-{safe}"
+
+
 def ensure_cache(cfg: Config, info: D.DistInfo, quiet: bool) -> Path:
     """The cache directory; built (rank 0) when absent, rebuilt when its fingerprint is stale."""
     cache = Path(cfg.data.cache_dir)
@@ -167,16 +173,36 @@ def open_logger(cfg: Config, info: D.DistInfo, run_name: str, run_id: str | None
     return logger or NullLogger(run_id)
 
 
-def log_model(trainer, logger) -> None:
-    """Log a flat-tensor wrapper of the model with a signature inferred from a real val batch."""
+def log_model(trainer, logger, ckpt_path: Path, name: str) -> None:
+    """Log the model as an MLflow pyfunc (``state_dict`` + config + data facts, no pickle).
+
+    The input example is a real val batch; the signature leaves every padded axis free.
+    """
+    import json
+
+    import torch
+
     from clinical_moe.data.dataset import Collator
+    from clinical_moe.serving import data_facts
     from clinical_moe.training.export import FlatModel, flat_inputs
 
     ds = trainer.data.val
     batch = Collator(ds)([ds[i] for i in range(min(4, len(ds)))])
     example = flat_inputs(batch)
     model = trainer.model.cpu().eval()
-    logger.log_model(FlatModel(model, list(example), trainer.data.task), example)
+    with torch.no_grad():
+        flat = FlatModel(model, list(example), trainer.data.task)
+        output = flat(*[torch.from_numpy(v) for v in example.values()]).numpy()
+    folder = ckpt_path / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "weights": folder / "weights.pt",
+        "config": ckpt_path / "config.yaml",
+        "data": folder / "data.json",
+    }
+    torch.save(model.state_dict(), files["weights"])
+    files["data"].write_text(json.dumps(data_facts(trainer.data), indent=1))
+    logger.log_model({k: str(v) for k, v in files.items()}, example, output, name=name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,8 +256,13 @@ def train(
     logger = open_logger(cfg, info, name, D.broadcast_object(run_id, info))
     try:
         if info.is_main:
-            ckpt.write_run(
-                {"run_id": logger.run_id, "run_name": name, "config_hash": config_hash(cfg)}
+            ckpt.write_run(  # kept: a resumed run's final-phase flags (final_logged, ...)
+                {
+                    **(ckpt.read_run() if state is not None else {}),
+                    "run_id": logger.run_id,
+                    "run_name": name,
+                    "config_hash": config_hash(cfg),
+                }
             )
         trainer = Trainer(cfg, cache, ckpt, logger, info, resume=state, quiet=quiet)
         if info.is_main and state is None:
@@ -253,12 +284,20 @@ def train(
         if info.is_main:
             if ckpt.best.exists():
                 logger.log_artifact(ckpt.best, "checkpoints")
-            log_model(trainer, logger)
+            if not ckpt.read_run().get("model_logged"):  # once, even across a resume
+                log_model(trainer, logger, ckpt.path, model_name(cfg, name))
+                ckpt.write_run({**ckpt.read_run(), "model_logged": True})
             m = result.metrics
+            f1_part = (
+                f", test F1 {m['test_f1_at_val_threshold']:.3f} at the val threshold "
+                f"{m['test_threshold']:.2f}"
+                if "test_f1_at_val_threshold" in m
+                else ""
+            )
             print(
                 f"run {result.run_id} ({name}): best epoch {result.best_epoch + 1}, "
                 f"val AUROC {m.get('best_val_auroc', float('nan')):.4f}, "
-                f"test AUROC {m.get('test_auroc', float('nan')):.4f}, "
+                f"test AUROC {m.get('test_auroc', float('nan')):.4f}{f1_part}, "
                 f"{result.samples_per_s:.0f} samples/s; checkpoints in {ckpt.path}"
             )
     except BaseException:

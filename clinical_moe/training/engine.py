@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from clinical_moe.config import Config
 from clinical_moe.data.dataset import CachedDataset, Collator, present_modalities
-from clinical_moe.metrics import classification_metrics, probabilities
+from clinical_moe.metrics import best_threshold, classification_metrics, f1, probabilities
 from clinical_moe.model import MultimodalModel, create_model, default_encoder_type
 from clinical_moe.registry import ENCODERS, HEADS
 from clinical_moe.tracking import NullLogger, RunLogger
@@ -223,6 +223,37 @@ def predict(model: MultimodalModel, loader, device, routing: RoutingStats | None
     return np.asarray(ids), torch.cat(labels), torch.cat(logits)
 
 
+def tuned_f1(
+    y: np.ndarray, p: np.ndarray, task: str, prefix: str, threshold: float | None
+) -> dict[str, float]:
+    """Binary: F1 at a threshold chosen on validation (F1 at 0.5 is ~0 for rare outcomes).
+
+    ``threshold`` None chooses it on ``(y, p)`` themselves (the validation split); the test split
+    gets the validation threshold. Keys ``<prefix>_threshold``, ``<prefix>_f1_at_val_threshold``.
+    """
+    if task != "binary" or len(y) == 0:
+        return {}
+    thr = float(best_threshold(y, p, task)) if threshold is None else float(threshold)
+    return {f"{prefix}_threshold": thr, f"{prefix}_f1_at_val_threshold": f1(y, p, task, thr)}
+
+
+def epoch_line(epoch: int, epochs: int, m: dict[str, float], improved: bool) -> str:
+    """One console line per epoch (1-based), kept on screen: loss parts, val AUROC / AUPRC / F1."""
+    parts = [f"task {m.get('train_task_loss', math.nan):.3f}"]
+    for key, label in (("train_aux_loss", "aux"), ("train_encoder_aux_loss", "enc")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.3f}")
+    line = (
+        f"epoch {epoch}/{epochs}  loss {m.get('train_loss', math.nan):.3f} ({', '.join(parts)})  "
+        f"val AUROC {m.get('val_auroc', math.nan):.3f} AUPRC {m.get('val_auprc', math.nan):.3f}"
+    )
+    if "val_f1_at_val_threshold" in m:
+        line += f" F1 {m['val_f1_at_val_threshold']:.3f}@{m['val_threshold']:.2f}"
+    line += f" loss {m.get('val_loss', math.nan):.3f}"
+    line += f"  {m.get('train_samples_per_s', math.nan):.0f} samples/s"
+    return line + ("  * best" if improved else "")
+
+
 def evaluate(
     model,
     dataset: CachedDataset,
@@ -231,8 +262,13 @@ def evaluate(
     info: D.DistInfo,
     routing: bool = False,
     prefix: str = "val",
+    threshold: float | None = None,
 ) -> dict[str, float]:
-    """AUROC / AUPRC / F1 / loss of ``dataset``; under DDP each rank scores a slice, then gather."""
+    """AUROC / AUPRC / F1 / loss of ``dataset``; under DDP each rank scores a slice, then gather.
+
+    F1 is reported at 0.5 (``<prefix>_f1``) and, for binary tasks, at the validation threshold
+    (:func:`tuned_f1`; ``threshold`` None chooses it on this split).
+    """
     idx = list(range(info.rank, len(dataset), info.world_size))  # no padding: every stay once
     loader = DataLoader(
         Subset(dataset, idx),
@@ -247,12 +283,11 @@ def evaluate(
     parts = D.gather_objects((ids, y, logits, stats), info)
     y = torch.cat([p[1] for p in parts])
     logits = torch.cat([p[2] for p in parts])
+    probs = probabilities(logits, data.task)
     out = {
-        f"{prefix}_{k}": v
-        for k, v in classification_metrics(
-            y.numpy(), probabilities(logits, data.task), data.task
-        ).items()
+        f"{prefix}_{k}": v for k, v in classification_metrics(y.numpy(), probs, data.task).items()
     }
+    out.update(tuned_f1(y.numpy(), probs, data.task, prefix, threshold))
     out[f"{prefix}_loss"] = float(task_loss(logits, y, data.task)) if len(y) else math.nan
     if routing:
         merged = RoutingStats(dataset.modalities)
@@ -469,7 +504,9 @@ class Trainer:
         else:
             self.early["bad"] += 1
             self.early["stopped"] = self.early["bad"] >= self.cfg.train.patience
-        self.logger.log_metrics(metrics, step=self.epoch)
+        self.logger.log_metrics(metrics, step=self.epoch + 1)  # MLflow steps = 1-based epochs
+        if self.info.is_main:
+            print(epoch_line(self.epoch + 1, self.cfg.train.epochs, metrics, improved), flush=True)
         self.epoch, self.position = self.epoch + 1, 0
         self.meters = defaultdict(float)
         self.save()
@@ -481,7 +518,10 @@ class Trainer:
             speeds.append(self.train_epoch())
             self.end_epoch(speeds[-1])
         final = self.final_metrics()
-        self.logger.log_metrics(final, step=self.epoch)
+        # Logged once: a run resumed after a kill in this final phase does not log them again.
+        if self.info.is_main and not self.ckpt.read_run().get("final_logged"):
+            self.logger.log_metrics(final, step=self.epoch)
+            self.ckpt.write_run({**self.ckpt.read_run(), "final_logged": True})
         return TrainResult(
             self.logger.run_id,
             self.early["best_epoch"],
@@ -504,8 +544,17 @@ class Trainer:
             for k, v in evaluate(self.model, self.data.val, self.data, self.cfg, self.info).items()
         }
         if self.data.test is not None:
+            thr = out.get("best_val_threshold")  # chosen on validation, applied unchanged to test
             out.update(
-                evaluate(self.model, self.data.test, self.data, self.cfg, self.info, prefix="test")
+                evaluate(
+                    self.model,
+                    self.data.test,
+                    self.data,
+                    self.cfg,
+                    self.info,
+                    prefix="test",
+                    threshold=thr,
+                )
             )
-        out["best_epoch"] = float(self.early["best_epoch"])
+        out["best_epoch"] = float(self.early["best_epoch"] + 1)  # 1-based, as on the console
         return out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -129,14 +132,24 @@ def test_logged_model_has_a_signature_and_predicts(toy_cache, tmp_path, mlflow_u
     info = mlflow.models.get_model_info(model.model_uri)
     inputs = info.signature.inputs.input_names()
     assert inputs[0] == "present" and "ehr.values" in inputs and "notes.input_ids" in inputs
-    loaded = mlflow.pytorch.load_model(model.model_uri)
+    assert model.name == "concat-e2e-logged-model"  # per head and run, not "model"
+    loaded = mlflow.pyfunc.load_model(model.model_uri)  # a model from code: nothing unpickled
     from clinical_moe.data.dataset import CachedDataset, Collator
+    from clinical_moe.serving import input_arrays
     from clinical_moe.training.export import flat_inputs
 
     ds = CachedDataset(toy_cache, "test")
-    batch = Collator(ds)([ds[i] for i in range(5)])
-    probs = loaded(*[torch.from_numpy(v) for v in flat_inputs(batch).values()])
-    assert probs.shape == (5,) and bool(((probs >= 0) & (probs <= 1)).all())
+    for n in (5, 2):  # two batches, two padded lengths: the signature fixes none of them
+        example = flat_inputs(Collator(ds)([ds[i] for i in range(n)]))
+        probs = loaded.predict(example)
+        assert probs.shape == (n,) and bool(((probs >= 0) & (probs <= 1)).all())
+    frame = pd.DataFrame([{k: v[i] for k, v in example.items()} for i in range(2)])
+    np.testing.assert_allclose(loaded.predict(input_arrays(frame)), probs, rtol=1e-5)
+    np.testing.assert_allclose(loaded.unwrap_python_model().predict(None, frame), probs, rtol=1e-5)
+    local = Path(mlflow.artifacts.download_artifacts(model.model_uri))
+    assert not list(local.rglob("*.pkl")) and (local / "artifacts" / "weights.pt").is_file()
+    reqs = (local / "requirements.txt").read_text()
+    assert "clinical-moe==" in reqs and "mlflow==" in reqs
 
 
 @pytest.mark.parametrize("head", clinical_moe.list_models())
