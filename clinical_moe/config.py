@@ -49,6 +49,10 @@ class DataConfig:
     cxr_label_source: str = "chexpert"  # chexpert | negbio (mimic-cxr-2.0.0-<source>.csv.gz)
     chexpert_uncertain: str = "ignore"  # -1 labels: ignore (NaN) | ones | zeros
     chexpert_blank: str = "zero"  # blank (not mentioned): zero (negative) | ignore (NaN)
+    # Precomputed per-event embeddings (issue 13): modality -> PATH or [PATH, ...] (Parquet, or
+    # .npy + an ids file), keyed by dicom_id (cxr), study_id (ecg) or note_id (notes); several
+    # sources are concatenated. They replace that modality's decoded files in the cache.
+    embeddings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choices = {
@@ -56,6 +60,14 @@ class DataConfig:
             "chexpert_uncertain": ("ignore", "ones", "zeros"),
             "chexpert_blank": ("zero", "ignore"),
         }
+        for m, paths in self.embeddings.items():
+            if m not in ("cxr", "ecg", "notes"):
+                raise ConfigError(f"data.embeddings.{m}: embeddings are read for cxr, ecg, notes")
+            ok = isinstance(paths, str) or (
+                isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths)
+            )
+            if not ok:
+                raise ConfigError(f"data.embeddings.{m}: give a path or a list of paths")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(

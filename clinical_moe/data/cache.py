@@ -52,6 +52,9 @@ class ShardTask:
     num_static: int
     cache_dir: str
     target_widths: dict[str, int] = field(default_factory=dict)  # modality -> K_m
+    # issue 13: modality -> per stay (vectors (n, F), hours (n,)[, targets]) from data.embeddings
+    embedded: dict[str, list[tuple | None]] = field(default_factory=dict)
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # modality -> F
     skips: list[dict] = field(default_factory=list)
 
 
@@ -139,6 +142,7 @@ def write_shard(task: ShardTask) -> tuple[pd.DataFrame, list[dict]]:
         task.num_variables,
         task.num_static,
         target_widths=task.target_widths,
+        embedding_dims=task.embedding_dims,
     )
     skips: list[dict] = []
     for i, meta in enumerate(task.meta):
@@ -154,6 +158,8 @@ def write_shard(task: ShardTask) -> tuple[pd.DataFrame, list[dict]]:
             )
         if "notes" in task.modalities and task.notes[i] is not None:
             events["notes"] = task.notes[i]
+        for m, per_stay in task.embedded.items():  # precomputed vectors: nothing to decode
+            events[m] = per_stay[i]
         writer.add(meta, ehr=task.ehr[i] if "ehr" in task.modalities else None, events=events)
     return writer.close(skips), skips
 
@@ -252,6 +258,8 @@ def build_cache(
                 num_static=plan.num_static,
                 cache_dir=str(cache_dir),
                 target_widths={m: len(n) for m, n in plan.target_names.items()},
+                embedded={m: [e.get(s) for s in ids] for m, e in plan.embedded.items()},
+                embedding_dims={m: s["dim"] for m, s in plan.summary.get("embeddings", {}).items()},
             )
         )
     n_shards = -(-len(stays) // shard_size)

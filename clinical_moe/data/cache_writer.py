@@ -29,6 +29,9 @@ class ShardWriter:
         target_widths: Per event modality with native targets, their number K_m; those
             modalities get a ``<m>_targets.npy`` ``(n, N, K_m)`` float32 array, NaN where unknown
             (padded slots included).
+        embedding_dims: Per event modality read from precomputed embeddings, their size F:
+            those modalities store ``<m>_embedding.npy`` ``(n, N, F)`` float32 instead of their
+            decoded files.
     """
 
     DTYPES = {"cxr": np.uint8, "ecg": np.float16, "notes": np.int32}
@@ -43,12 +46,14 @@ class ShardWriter:
         num_variables: int,
         num_static: int,
         target_widths: dict[str, int] | None = None,
+        embedding_dims: dict[str, int] | None = None,
     ):
         self.path = shard_dir(cache_dir, shard)
         self.shard = shard
         self.modalities = tuple(modalities)
         self.N = num_events
-        self.event_shapes = event_shapes
+        self.embedding_dims = dict(embedding_dims or {})
+        self.event_shapes = {**event_shapes, **{m: (f,) for m, f in self.embedding_dims.items()}}
         self.V, self.S = num_variables, num_static
         self.rows: list[dict] = []
         self.ehr: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -58,6 +63,9 @@ class ShardWriter:
         self.masks: dict[str, list[np.ndarray]] = {m: [] for m in modalities if m != "ehr"}
         self.target_widths = {m: k for m, k in (target_widths or {}).items() if m in self.events}
         self.targets: dict[str, list[np.ndarray]] = {m: [] for m in self.target_widths}
+
+    def _dtype(self, m: str):
+        return np.float32 if m in self.embedding_dims else self.DTYPES[m]
 
     def add(self, meta: dict, ehr: dict | None = None, events: dict | None = None) -> None:
         """Add one stay.
@@ -96,7 +104,7 @@ class ShardWriter:
         row.pop("_static", None)
         for m in self.events:
             shape = self.event_shapes[m]
-            arr = np.zeros((self.N, *shape), self.DTYPES[m])
+            arr = np.zeros((self.N, *shape), self._dtype(m))
             t = np.zeros(self.N, np.float32)
             mask = np.zeros(self.N, bool)
             target = None
@@ -150,9 +158,10 @@ class ShardWriter:
             )
         for m in self.events:
             shape = (0, self.N, *self.event_shapes[m])
+            name = f"{m}_embedding" if m in self.embedding_dims else EVENT_ARRAY[m]
             save_array(
-                self.path / f"{EVENT_ARRAY[m]}.npy",
-                np.stack(self.events[m]) if n else np.zeros(shape, self.DTYPES[m]),
+                self.path / f"{name}.npy",
+                np.stack(self.events[m]) if n else np.zeros(shape, self._dtype(m)),
             )
             save_array(
                 self.path / f"{m}_times.npy",

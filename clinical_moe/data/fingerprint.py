@@ -73,7 +73,8 @@ def fingerprint_inputs(cfg: Config) -> dict:
     """Everything that decides the cache content, as a flat JSON-able dict.
 
     The data section (less :data:`NOT_CONTENT`), the seed (it decides the split), the native
-    targets' format version, and the notes tokenizer when it is a Hugging Face model's own.
+    targets' format version, the notes tokenizer when it is a Hugging Face model's own, and the
+    size / modification time of each ``data.embeddings`` file.
     """
     from clinical_moe.data.targets import TARGETS_VERSION
 
@@ -85,6 +86,14 @@ def fingerprint_inputs(cfg: Config) -> dict:
             d.pop(key)
     d["seed"] = cfg.seed
     d["targets_version"] = TARGETS_VERSION if cfg.data.native_targets else None
+    if d.get("embeddings"):  # the files' size and time: new vectors at the same path count
+        from clinical_moe.data.embeddings import source_paths
+
+        d["embedding_files"] = {
+            str(p): [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
+            for spec in d["embeddings"].values()
+            for p in source_paths(spec)
+        }
     hf = hf_notes_path(cfg)
     if hf is not None:
         d["notes_tokenizer"] = f"hf:{tokenizer_identity(hf)}"

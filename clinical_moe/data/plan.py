@@ -53,6 +53,8 @@ class StayPlan:
             for row (NaN = unknown); only for modalities whose label file was read.
         target_names: modality -> target names (the K_m columns), same keys as ``targets``.
         notes: stay_id -> (token ids (n, L) int32, hours (n,)) of the notes before prediction time.
+        embedded: modality -> stay_id -> (vectors (n, F), hours (n,)[, targets (n, K)]) for the
+            modalities read from ``data.embeddings`` (their cxr / ecg / notes dicts are empty).
         num_variables / num_static: EHR widths V and S.
         summary: Counts for the preprocessing summary (no patient text).
     """
@@ -65,6 +67,7 @@ class StayPlan:
     notes: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     targets: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     target_names: dict[str, list[str]] = field(default_factory=dict)
+    embedded: dict[str, dict[int, tuple]] = field(default_factory=dict)
     num_variables: int = 0
     num_static: int = 0
     summary: dict = field(default_factory=dict)
@@ -137,6 +140,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
             f"there with `clinical-moe synth --out {root}`, or set data.root=<your MIMIC folder>"
         )
     modalities = set(d.modalities)
+    note_ids: dict[int, list[str]] = {}
     # With EHR in the run, its one pass over the event tables also decides the cohort's
     # "observation in the window" rule, instead of build_cohort scanning them a second time.
     one_pass = "ehr" in modalities and d.task in OBSERVATION_TASKS
@@ -243,7 +247,9 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     if "notes" in modalities and (note_root := _release(root, "notes")) is not None:
         from clinical_moe.data.fingerprint import hf_notes_path
 
-        plan.notes, summary["notes"] = _plan_notes(cohort, note_root, d, hf_notes_path(cfg))
+        plan.notes, summary["notes"], note_ids = _plan_notes(
+            cohort, note_root, d, hf_notes_path(cfg)
+        )
 
     plan.target_names = {m: summary["targets"][m] for m in plan.targets}
     summary["encoder_kwargs"] = {
@@ -251,14 +257,21 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         "notes": {"vocab_size": summary.get("notes", {}).get("vocab_size", d.note_vocab)},
     }
     summary.update(log.finish(plan, d.modalities))  # issue 15: damage ledger + empty modalities
+    if d.embeddings:  # issue 13: precomputed vectors stand in for these modalities' files
+        from clinical_moe.data.embeddings import embed_events
+
+        wanted = {m: p for m, p in d.embeddings.items() if m in modalities}
+        embed_events(plan, wanted, note_ids, summary)
     plan.summary = summary
     return plan
 
 
 def _plan_notes(
     cohort: pd.DataFrame, note_root: Path, d, hf_path: str | None = None
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict]:
     """Pair notes before prediction time, fit the tokenizer on train notes, tokenise.
+
+    Returns ``(notes, summary, note_ids)``: note_ids are stay_id -> note ids, row for row.
 
     With ``hf_path`` (a Hugging Face notes backbone) the model's own tokenizer is used instead
     of the package's word-level one (issue 13), so the ids mean what the model's embeddings mean.
@@ -280,8 +293,11 @@ def _plan_notes(
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     stay_ids = paired["stay_id"].astype(int).to_numpy()
     hours = paired["hours"].astype(float).to_numpy()
+    note_id = paired["note_id"].astype(str).to_numpy()
+    by_stay: dict[int, list[str]] = {}
     for sid, sel in pd.Series(stay_ids).groupby(stay_ids).indices.items():
         out[int(sid)] = (ids[sel].astype(np.int32), hours[sel].astype(np.float32))  # (n, L), (n,)
+        by_stay[int(sid)] = note_id[sel].tolist()
     summary = {
         "paired_notes": int(len(paired)),
         "stays": len(out),
@@ -290,4 +306,4 @@ def _plan_notes(
         "train_notes": int(is_train.sum()),
         "tokenizer": f"hf:{tok.identity_}" if hf_path else "word-level",
     }
-    return out, summary
+    return out, summary, by_stay

@@ -11,6 +11,8 @@ A cache directory holds::
         ehr_offsets.npy (n + 1,) int64      ehr_static.npy (n, S) float32
         cxr_image.npy (n, N, H, W) uint8    ecg_signal.npy (n, N, 12, S) float16
         notes_ids.npy (n, N, L) int32       <m>_times.npy (n, N) float32   <m>_event_mask.npy (n, N) bool
+        <m>_embedding.npy (n, N, F) float32 precomputed vectors, in place of the modality's
+                                            decoded array when read from data.embeddings
         <m>_targets.npy (n, N, K_m) float32 modality-native targets of cxr / ecg events, NaN =
                                             unknown (names, kinds, stats in summary.json)
         meta.parquet  the shard's manifest rows       DONE  marker: the shard is complete
@@ -103,6 +105,11 @@ class CacheStore:
         """
         return {m: list(v) for m, v in self.summary.get("targets", {}).items()}
 
+    @cached_property
+    def embedded(self) -> frozenset[str]:
+        """Modalities stored as precomputed embeddings (``read`` gives ``embedding`` (N, F))."""
+        return frozenset(self.summary.get("embeddings", {}))
+
     @property
     def label_columns(self) -> list[str]:
         return list(self.summary.get("label_columns", ["label"]))
@@ -147,6 +154,9 @@ class CacheStore:
         targets = s.array(f"{modality}_targets")
         if targets is not None:
             out["targets"] = np.array(targets[row], dtype=np.float32)  # (N, K_m), NaN = unknown
+        if modality in self.embedded:
+            out["embedding"] = np.array(s.array(f"{modality}_embedding")[row], np.float32)
+            return out  # (N, F)
         data = np.asarray(s.array(EVENT_ARRAY[modality])[row])
         if modality == "cxr":
             out["image"] = (data.astype(np.float32) / 255.0)[:, None]  # (N, 1, H, W)
