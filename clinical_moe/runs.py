@@ -89,6 +89,42 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Config, dict, s
     return cfg, state, run.info.run_name or run_id, f"{run.info.artifact_uri}/checkpoints/best.pt"
 
 
+def resolve_run(ref: str, tracking_uri: str | None = None) -> str:
+    """The MLflow run id a user means by ``ref``: ``latest``, a run name, or a run id.
+
+    ``latest`` is the most recent finished training run (tagged ``head`` by ``clinical-moe
+    train``) in any experiment; a name picks the most recent run of that name.
+
+    Raises:
+        LookupError: No such run, naming the store and what to pass instead.
+    """
+    import re
+
+    import mlflow
+
+    from clinical_moe.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return ref
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if ref == "latest":
+        query = "attributes.status = 'FINISHED'"
+    else:
+        query = f"attributes.run_name = '{ref}'"
+    found = client.search_runs(exps, query, order_by=["attributes.start_time DESC"])
+    if ref == "latest":  # training runs only (evaluation / comparison runs have no head tag)
+        found = [r for r in found if "head" in r.data.tags]
+    if not found:
+        what = "no finished training run" if ref == "latest" else f"no run named {ref!r}"
+        raise LookupError(
+            f"{what} at {uri}; pass --run latest, a run name or a run id "
+            "(`mlflow ui` lists them), or --checkpoint PATH"
+        )
+    return found[0].info.run_id
+
+
 def load_run(
     run_id: str | None = None,
     checkpoint: str | Path | None = None,
@@ -98,7 +134,7 @@ def load_run(
     """Rebuild a trained model and its data from an MLflow run id or a checkpoint file.
 
     Args:
-        run_id: MLflow run id (exclusive with ``checkpoint``).
+        run_id: MLflow run id, run name or ``latest`` (exclusive with ``checkpoint``).
         checkpoint: path to ``best.pt`` / ``last.pt`` written by ``clinical-moe train``.
         tracking_uri: MLflow store; None uses ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
         cache_dir: read the data from here instead of the run's ``data.cache_dir`` (a moved cache).
@@ -109,6 +145,7 @@ def load_run(
     if (run_id is None) == (checkpoint is None):
         raise ValueError("give exactly one of run_id or checkpoint")
     if run_id is not None:
+        run_id = resolve_run(run_id, tracking_uri)  # `latest`, a run name or an id
         cfg, state, name, path = _from_mlflow(run_id, tracking_uri)
     else:
         path = Path(checkpoint)

@@ -40,7 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run-id", help="MLflow run id of a `clinical-moe train` run")
+    which.add_argument(
+        "--run",
+        "--run-id",
+        dest="run_id",
+        metavar="RUN",
+        help="a `clinical-moe train` run: `latest`, its run name or its MLflow run id",
+    )
     which.add_argument("--checkpoint", help="best.pt / last.pt of a run (config.yaml beside it)")
     p.add_argument(
         "--split",

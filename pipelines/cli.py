@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Errors a user can fix (a key, a path, a damaged file, a missing package): reported in one line
 #: naming the key or file, without a traceback (``--debug`` shows it). Loader, table, config and
-#: checkpoint errors all derive from ValueError.
-USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
+#: checkpoint errors all derive from ValueError; an unknown run is a LookupError.
+USER_ERRORS = (ValueError, OSError, ImportError, LookupError)
 
 #: A second line for errors whose fix is always the same.
 HINTS = {

@@ -48,12 +48,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
+        "--run",
         "--run-id",
         action="append",
         default=[],
         dest="run_ids",
-        metavar="ID",
-        help="MLflow run id of a trained run (repeat to compare several)",
+        metavar="RUN",
+        help="a trained run: `latest`, its run name (e.g. fusemoe-1a2b3c4d5e) or its MLflow run "
+        "id; repeat to compare several",
     )
     p.add_argument(
         "--checkpoint",
@@ -188,7 +190,31 @@ def log_to_mlflow(runs, out: Path, grid, tracking_uri: str | None) -> str:
         logger.close("FAILED")
         raise
     logger.close("FINISHED")
+    if len(runs) > 1:
+        log_to_each_run(runs, grid, uri, logger.run_id)
     return logger.run_id
+
+
+def log_to_each_run(runs, grid, uri: str, comparison_id: str) -> None:
+    """Each compared run also gets its own ``eval/...`` metrics (sortable in the MLflow UI)."""
+    from clinical_moe.evaluation.grid import _unique_names
+    from clinical_moe.tracking import MlflowLogger
+
+    for r, name in zip(runs, _unique_names(runs)):  # the grid's name of each run
+        if not r.run_id:
+            continue
+        try:
+            logger = MlflowLogger(uri, run_id=r.run_id)
+        except Exception as err:  # the run is not in this store
+            log.warning("cannot re-open MLflow run %s at %s (%s)", r.run_id, uri, err)
+            continue
+        steps: dict[int, dict[str, float]] = {}
+        for key, value, step in _metrics_for(grid, name, ("eval",)):
+            steps.setdefault(step, {})[key] = float(value)
+        for step, metrics in sorted(steps.items()):
+            logger.log_metrics(metrics, step=step)
+        logger.set_tags({"evaluation.comparison_run_id": comparison_id})
+        logger.close("FINISHED")
 
 
 def evaluate(
