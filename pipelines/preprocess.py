@@ -34,8 +34,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="keep the shards a previous (interrupted) run finished; --no-resume redoes every one",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--shard",
+        type=shard_part,
+        metavar="I/N",
+        help="decode only job I of N (0-based; shards k with k %% N == I), e.g. in a job array; "
+        "then run --finalize once",
+    )
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="assemble the manifest once every --shard job is done (names the missing shards)",
+    )
     p.set_defaults(func=run)
     return p
+
+
+def shard_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: I must be in 0..N-1")
+    return i, n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
         )
     quiet = args.quiet or not sys.stderr.isatty()
     t0 = time.perf_counter()
-    cache = build_cache(cfg, resume=args.resume, quiet=quiet)
+    part, finalize = getattr(args, "shard", None), getattr(args, "finalize", False)
+    cache = build_cache(cfg, resume=args.resume, quiet=quiet, part=part, finalize=finalize)
+    if part is not None:  # issue 13: one job of several; --finalize assembles
+        print(f"shard job {part[0]}/{part[1]} done in {time.perf_counter() - t0:.1f} s: {cache}")
+        return 0
     summary = json.loads((cache / "summary.json").read_text())
     elapsed = time.perf_counter() - t0
     print(f"cache: {cache}  ({summary['num_stays']} stays in {elapsed:.1f} s)")

@@ -31,6 +31,9 @@ from clinical_moe.data.store import shard_dir, write_json
 
 logger = logging.getLogger(__name__)
 
+#: Written by every shard job: what ``--finalize`` needs to assemble without planning again.
+PLAN_FILE = "plan.json"
+
 
 @dataclass
 class ShardTask:
@@ -191,7 +194,12 @@ def _complete(cache_dir: Path, summary_file: Path, fp: str) -> bool:
 
 
 def build_cache(
-    cfg: Config, resume: bool = True, quiet: bool = False, shard_size: int = 256
+    cfg: Config,
+    resume: bool = True,
+    quiet: bool = False,
+    shard_size: int = 256,
+    part: tuple[int, int] | None = None,
+    finalize: bool = False,
 ) -> Path:
     """Preprocess ``cfg.data.root`` into ``cfg.data.cache_dir`` (see :mod:`clinical_moe.data.store`).
 
@@ -202,6 +210,10 @@ def build_cache(
             False redoes every shard.
         quiet: No progress bars.
         shard_size: Stays per shard (the unit of parallelism and of resume).
+        part: ``(I, N)``: decode only shards ``k`` with ``k % N == I`` (one job of a SLURM /
+            Kubernetes array; every job plans the same shards) and leave the cache unfinished.
+        finalize: Only assemble the manifest and summary from the shards that the ``part`` jobs
+            wrote; refuses, naming them, while some shard is not done.
 
     Returns:
         The cache directory.
@@ -226,6 +238,8 @@ def build_cache(
                 "delete it, choose another data.cache_dir, or rebuild it with --no-resume"
             )
     summary_file = cache_dir / "summary.json"  # written last: its fingerprint marks a whole cache
+    if finalize:
+        return finalize_shards(cfg)
     if resume and _complete(cache_dir, summary_file, fp):
         logger.info("preprocess: %s is complete with these settings; nothing to do", cache_dir)
         return cache_dir
@@ -236,14 +250,16 @@ def build_cache(
     stays = plan.stays
     tasks = []
     for k, start in enumerate(range(0, len(stays), shard_size)):
+        if part is not None and k % part[1] != part[0]:
+            continue  # another job's shard
         if resume and (shard_dir(cache_dir, k) / "DONE").exists():
             continue
-        part = stays.iloc[start : start + shard_size]
-        ids = part["stay_id"].astype(int).tolist()
+        rows = stays.iloc[start : start + shard_size]
+        ids = rows["stay_id"].astype(int).tolist()
         tasks.append(
             ShardTask(
                 index=k,
-                meta=plan.meta(part),
+                meta=plan.meta(rows),
                 ehr=[plan.ehr.get(s) for s in ids],
                 cxr=[plan.cxr.get(s, []) for s in ids],
                 ecg=[plan.ecg.get(s, []) for s in ids],
@@ -263,6 +279,15 @@ def build_cache(
             )
         )
     n_shards = -(-len(stays) // shard_size)
+    write_json(  # what finalize needs, so that it does not plan again (same for every job)
+        cache_dir / PLAN_FILE,
+        {
+            "fingerprint": fp,
+            "n_shards": n_shards,
+            "num_variables": plan.num_variables if "ehr" in d.modalities else None,
+            "summary": plan.summary,
+        },
+    )
     logger.info("preprocess: %d stays in %d shards (%d to do)", len(stays), n_shards, len(tasks))
     workers = max(1, min(d.workers, len(tasks), os.cpu_count() or 1))
     bar = tqdm(total=len(tasks), desc="preprocess shards", unit="shard", disable=quiet)
@@ -276,6 +301,36 @@ def build_cache(
             bar.update()
     bar.close()
 
+    if part is not None:
+        logger.info("preprocess: shard job %d/%d done (%d shards)", part[0], part[1], len(tasks))
+        return cache_dir
+    return finalize_shards(cfg)
+
+
+def finalize_shards(cfg: Config) -> Path:
+    """Join the shards' manifests and skip logs, fit the EHR statistics, write the summary last.
+
+    Raises:
+        ValueError: No shard job has run with these settings, or some shard is not done (the
+            message names them).
+    """
+    cache_dir = Path(cfg.data.cache_dir)
+    fp = _fingerprint(cfg)
+    plan_file = cache_dir / PLAN_FILE
+    info = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    if info.get("fingerprint") != fp:
+        raise ValueError(
+            f"preprocess --finalize: no shard job has run with these settings in {cache_dir}; "
+            "run `clinical-moe preprocess --shard I/N` jobs first"
+        )
+    n_shards = int(info["n_shards"])
+    missing = [k for k in range(n_shards) if not (shard_dir(cache_dir, k) / "DONE").exists()]
+    if missing:
+        names = ", ".join(f"{k:05d}" for k in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise ValueError(
+            f"preprocess --finalize: {len(missing)} of {n_shards} shards are not done ({names}); "
+            "run (or rerun) the --shard jobs that own them"
+        )
     metas, skips = [], []
     for k in range(n_shards):
         path = shard_dir(cache_dir, k)
@@ -286,7 +341,7 @@ def build_cache(
             "skipped %s file %s (stay %s): %s", s["modality"], s["path"], s["stay_id"], s["reason"]
         )
     summary = {
-        **plan.summary,
+        **info["summary"],
         "fingerprint": fp,
         "fingerprint_inputs": fingerprint_inputs(cfg),
         "skipped_files": {
@@ -304,7 +359,7 @@ def build_cache(
         cache_dir,
         metas,
         summary,
-        num_variables=plan.num_variables if "ehr" in d.modalities else None,
+        num_variables=info["num_variables"],
     )
     return cache_dir
 
@@ -320,6 +375,7 @@ _CACHE_FILES = (
     "fingerprint.json",
     "ehr_stats.json",
     "tokenizer.json",
+    PLAN_FILE,
 )
 
 
