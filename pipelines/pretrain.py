@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.train import ensure_cache
 
     cfg = load_config(args.config, args.overrides)  # config errors surface here, first
+    if getattr(args, "threads", None):
+        cfg.train.num_threads = args.threads  # --threads wins over the config
     quiet = args.quiet or not sys.stderr.isatty()
     ensure_cache(cfg, D.DistInfo(), quiet)
     results = pretrain_encoders(cfg, args.modality, args.out, quiet=quiet)
@@ -71,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.common import apply_threads
+
+    apply_threads(None)
     parser = argparse.ArgumentParser(prog="python -m pipelines.pretrain")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)

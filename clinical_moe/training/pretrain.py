@@ -97,6 +97,8 @@ class EncoderPretrainer:
                 log.info("pretrain %s: ignoring model.encoders.%s.%s", modality, modality, key)
         spec["num_targets"] = len(self.targets)
         self.spec = spec
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.seed, cfg.train.deterministic)
         dev = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev)

@@ -209,7 +209,7 @@ def test_train_with_targets_logs_encoder_losses_and_loads_pretrained(
         "model.encoders.ecg.freeze=backbone",
     ]
     run_cfg = _cfg(target_cache, tmp_path, uri, "train.epochs=1", "tracking.run_name=aux", *over)
-    assert train(run_cfg, quiet=True) == 0
+    train(run_cfg, quiet=True)
     (run,) = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name(run_cfg.tracking.experiment).experiment_id]
     )
