@@ -221,12 +221,48 @@ def _deep_merge(base: dict, new: Mapping) -> dict:
     return out
 
 
+#: The configs shipped with the package (``clinical-moe configs list``).
+PACKAGED = Path(__file__).with_name("configs")
+
+
+def packaged_configs() -> list[str]:
+    """Names of the shipped configs, e.g. ``tiny/fusemoe.yaml``, sorted."""
+    return sorted(p.relative_to(PACKAGED).as_posix() for p in PACKAGED.rglob("*.yaml"))
+
+
+def find_config(name: str | Path, base: Path | None = None) -> Path:
+    """The one rule for config paths: a file path first, then a packaged config name.
+
+    ``name`` is tried as given (relative to ``base``, the including file's folder, for an
+    ``include``; else to the working folder), then as a packaged name (``tiny/fusemoe``,
+    ``tiny/fusemoe.yaml``, or a relative ``.../configs/<name>``); an absolute path is only ever
+    itself. An include's ``../data/x.yaml`` is thus found beside a packaged config and beside a
+    copy made by ``clinical-moe configs cp``. Paths *inside* a config (``data.root``,
+    ``data.cache_dir``, ``train.checkpoint_dir``) are relative to the working folder.
+    """
+    path = Path(name)
+    here = (base / path) if base is not None and not path.is_absolute() else path
+    if here.is_file() or path.is_absolute():
+        return here
+    parts = [p for p in path.parts if p not in ("..", ".")]
+    if "configs" in parts:  # configs/tiny/x.yaml from another folder (e.g. notebooks/)
+        parts = parts[len(parts) - parts[::-1].index("configs") :]
+    text = "/".join(parts)
+    for c in (text, f"{text}.yaml"):
+        if text and (PACKAGED / c).is_file():
+            return PACKAGED / c
+    return here
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
+    path = find_config(path).resolve()
     if path in seen:
         raise ConfigError(f"{path}: include cycle")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(
+            f"config file not found: {path} (nor a packaged config; `clinical-moe configs list` "
+            "names them)"
+        )
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
@@ -234,7 +270,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     merged: dict = {}
     includes = raw.pop("include", []) or []
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*seen, path)))
+        merged = _deep_merge(merged, _read_yaml(find_config(inc, path.parent), (*seen, path)))
     return _deep_merge(merged, raw)
 
 

@@ -107,3 +107,18 @@ def test_train_before_synth_suggests_synth_and_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "clinical-moe synth" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_configs_list_and_cp_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "tiny/fusemoe.yaml" in listed and "data/synthetic.yaml" in listed
+    assert main(["configs", "cp", "tiny/late", "mine.yaml"]) == 0
+    from clinical_moe.config import load_config
+
+    cfg = load_config("mine.yaml")  # its `include: ../data/synthetic.yaml` is the packaged one
+    assert cfg.model.name == "late" and cfg.data.root == load_config("tiny/late").data.root
+    assert main(["configs", "cp", "tiny/late", "mine.yaml"]) == 2  # no silent overwrite
+    assert main(["configs", "cp", "nope", "x.yaml"]) == 2
+    assert load_config("configs/tiny/late.yaml").model.name == "late"  # from notebooks/ too
