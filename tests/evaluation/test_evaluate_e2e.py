@@ -142,6 +142,8 @@ def test_cli_compares_two_runs_and_is_reproducible(
         "evaluation/auroc_vs_rate.png",
     } <= artifact_paths(client, parent.info.run_id)
     assert any(k.startswith("eval/") and k.endswith("/natural/auroc") for k in parent.data.metrics)
+    for run_id in ids:  # each compared run also holds its own metrics (sortable in the UI)
+        assert "eval/natural/auroc" in client.get_run(run_id).data.metrics
 
 
 def test_single_run_logs_into_the_evaluated_run(trained_runs, eval_store, tmp_path):
