@@ -50,6 +50,7 @@ from benchmarks.common import (
     run_measured,
     self_peak_rss_mb,
     set_threads,
+    time_interleaved,
 )
 
 MIB = 1024 * 1024
@@ -183,8 +184,40 @@ def _inputs(s: Shape, seed: int = 0):
 _JUDGING = ("reference_s", "min_speedup", "reference_over_old")
 
 
-def run_shape(s: Shape, warmup: int, reps: int, matmul_n: int) -> dict:
-    """Time, count and measure one shape in this process."""
+def load_old_package(tree: str):
+    """Import the ``clinical_moe`` package found in ``tree`` beside the current one.
+
+    The current package's modules are set aside in ``sys.modules`` while the old one is imported
+    (its absolute imports then resolve inside ``tree``), and put back afterwards; the old
+    modules stay alive through the returned registry and the objects built from it.
+    """
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "clinical_moe"}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, tree)
+    try:
+        import clinical_moe.fusion  # noqa: F401  (registers the old heads)
+        import clinical_moe.registry as old_registry
+
+        if not str(Path(old_registry.__file__).resolve()).startswith(str(Path(tree).resolve())):
+            raise RuntimeError(f"imported {old_registry.__file__}, not the tree {tree}")
+        return old_registry.HEADS
+    finally:
+        sys.path.remove(tree)
+        for k in [k for k in sys.modules if k.split(".")[0] == "clinical_moe"]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def run_shape(
+    s: Shape, warmup: int, reps: int, matmul_n: int, baseline_tree: str | None = None
+) -> dict:
+    """Time, count and measure one shape in this process.
+
+    With ``baseline_tree``, the same head from that tree's package then runs in this process
+    too, its training steps alternating with ours round by round (``baseline``), after our own
+    figures (and our peak RSS) are taken.
+    """
     import psutil
     import torch
     from torch.nn import functional as F
@@ -193,33 +226,39 @@ def run_shape(s: Shape, warmup: int, reps: int, matmul_n: int) -> dict:
     import clinical_moe
     from clinical_moe.registry import HEADS
 
-    torch.manual_seed(0)
     mods, tokens, present, labels = _inputs(s)
-    head = HEADS.create(
-        s.head,
-        modalities=mods,
-        d_model=s.d_model,
-        num_classes=1,
-        num_tokens={m: s.tokens for m in mods},
-        **s.kwargs,
-    )
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = (
-        torch.optim.SGD(params, lr=1e-3)
-        if s.optimizer == "sgd"
-        else torch.optim.Adam(params, lr=1e-4)
-    )
 
-    def forward_backward():
-        head.train()
-        out = head(tokens, present, labels)
-        loss = F.binary_cross_entropy_with_logits(out.logits.squeeze(-1), labels) + out.aux_loss
-        loss.backward()
+    def build(registry):
+        torch.manual_seed(0)
+        head = registry.create(
+            s.head,
+            modalities=mods,
+            d_model=s.d_model,
+            num_classes=1,
+            num_tokens={m: s.tokens for m in mods},
+            **s.kwargs,
+        )
+        params = [p for p in head.parameters() if p.requires_grad]
+        opt = (
+            torch.optim.SGD(params, lr=1e-3)
+            if s.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=1e-4)
+        )
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        forward_backward()
-        opt.step()
+        def forward_backward():
+            head.train()
+            out = head(tokens, present, labels)
+            loss = F.binary_cross_entropy_with_logits(out.logits.squeeze(-1), labels)
+            (loss + out.aux_loss).backward()
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            forward_backward()
+            opt.step()
+
+        return head, params, opt, forward_backward, train_step
+
+    head, params, opt, forward_backward, train_step = build(HEADS)
 
     def eval_forward():
         head.eval()
@@ -265,6 +304,16 @@ def run_shape(s: Shape, warmup: int, reps: int, matmul_n: int) -> dict:
         "train_flop_fraction": _sig(train_flop / t_train / 1e9 / peak_gflops),
         "eval_flop_fraction": _sig(eval_flop / t_eval / 1e9 / peak_gflops),
     }
+    if baseline_tree:
+        old = build(load_old_package(baseline_tree))
+        ours_t, old_t = time_interleaved([train_step, old[4]], warmup, reps)
+        row["baseline"] = {
+            "train_ms": round(median(old_t) * 1e3, 2),
+            "train_ms_all": [round(t * 1e3, 2) for t in old_t],
+            "ours_interleaved_ms": round(median(ours_t) * 1e3, 2),
+            "ours_interleaved_ms_all": [round(t * 1e3, 2) for t in ours_t],
+            "paired_speedup": round(median([o / n for o, n in zip(old_t, ours_t)]), 3),
+        }
     return row
 
 
@@ -279,7 +328,7 @@ def judge(s: Shape, row: dict, quick: bool) -> dict:
         row["meets_speed"] = bool(lo / ours >= s.min_speedup)
     base = row.get("baseline")
     if base and s.reference_over_old:
-        speedup = base["train_ms"] / row["train_ms"]
+        speedup = base["paired_speedup"]  # old / ours, step by step in one process
         row["speedup_vs_baseline"] = round(speedup, 3)
         # load-independent estimate: (reference / old, issue #16) x (old / ours, this run)
         row["reference_over_ours_via_baseline"] = [
@@ -309,25 +358,6 @@ def export_revision(rev: str) -> str:
     return out
 
 
-def run_baseline(tree: str, name: str, args) -> dict:
-    """One shape with the package in ``tree`` first on the path (this file's code, old heads)."""
-    import os
-    import subprocess
-
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name]
-    cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
-    cmd += ["--reps", str(args.reps), "--matmul-n", str(args.matmul_n)]
-    env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(max(args.threads, 1))}
-    res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"baseline {name} failed:\n{res.stderr[-3000:]}")
-    row = last_json_line(res.stdout)
-    if not row["package"].startswith(tree):
-        raise RuntimeError(f"baseline {name} imported {row['package']}, not the tree {tree}")
-    keep = ("train_ms", "train_ms_all", "eval_ms", "peak_rss_mb", "matmul_gflops")
-    return {k: row[k] for k in keep} | {"train_flop_fraction": row["train_flop_fraction"]}
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -343,9 +373,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--baseline-rev",
         default=None,
-        help="also run each shape with the package of this git revision (child right after ours)",
+        help="also time each head of this git revision, alternating with ours in one process",
     )
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child: one shape
+    parser.add_argument("--baseline-tree", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     shapes = {s.name: s for s in SHAPES}
@@ -353,7 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
         shapes = {k: quick_shape(s) for k, s in shapes.items()}
         args.warmup, args.reps, args.matmul_n = 0, 1, 128
     if args.only:  # child process: one shape, one JSON line
-        row = run_shape(shapes[args.only], args.warmup, args.reps, args.matmul_n)
+        row = run_shape(
+            shapes[args.only], args.warmup, args.reps, args.matmul_n, args.baseline_tree
+        )
         print(json.dumps(row))
         return row
     names = args.shapes or list(shapes)
@@ -375,12 +408,11 @@ def main(argv: list[str] | None = None) -> dict:
             cmd = [sys.executable, "-m", "benchmarks.bench_shapes", "--only", name]
             cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
             cmd += ["--reps", str(args.reps), "--matmul-n", str(args.matmul_n)]
+            cmd += ["--baseline-tree", old_tree] if old_tree else []
             res = run_measured(cmd, env={"OMP_NUM_THREADS": str(max(args.threads, 1))})
             check_ok(res, f"bench_shapes {name}")
             row = last_json_line(res["stdout"])
             row["child_seconds"] = round(res["seconds"], 1)
-            if old_tree is not None:
-                row["baseline"] = run_baseline(old_tree, name, args)
         rows.append(judge(s, row, args.quick))
         print(f"[bench_shapes] {name}: train {row['train_ms']} ms, eval {row['eval_ms']} ms, "
               f"peak {row['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
