@@ -28,6 +28,7 @@ from clinical_moe.data.cache_writer import ShardWriter, finalize_cache
 from clinical_moe.data.errors import LoaderError
 from clinical_moe.data.fingerprint import cache_fingerprint, fingerprint_inputs, stale_reason
 from clinical_moe.data.store import shard_dir, write_json
+from clinical_moe.data.table_io import quiet_tables
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ def build_cache(
         logger.info("preprocess: %s is complete with these settings; nothing to do", cache_dir)
         return cache_dir
     summary_file.unlink(missing_ok=True)  # until this build ends, the cache is not complete
-    plan = plan_stays(cfg, quiet=quiet)  # table errors stop the run here, before any state
+    with quiet_tables(quiet):  # issue 13: row bars with an ETA on the large tables
+        plan = plan_stays(cfg, quiet=quiet)  # table errors stop the run here, before any state
     cache_dir.mkdir(parents=True, exist_ok=True)  # a failed plan leaves no folder behind
     write_json(fp_file, {"fingerprint": fp, "inputs": fingerprint_inputs(cfg)})
     stays = plan.stays

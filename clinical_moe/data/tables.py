@@ -35,6 +35,7 @@ import pandas as pd
 
 from clinical_moe.data import damage
 from clinical_moe.data.errors import LoaderError
+from clinical_moe.data.table_io import parquet_header, read_parquet_chunks, table_progress
 from clinical_moe.data.table_schemas import (
     KEY_COLUMNS,
     PANDAS_DTYPE,
@@ -77,14 +78,14 @@ class TableError(LoaderError):
 
 
 def find_table(root: str | Path, name: str, required: bool = True) -> Path | None:
-    """Locate ``<root>/<name>.csv.gz`` or ``<root>/<name>.csv``.
+    """Locate ``<root>/<name>.parquet`` (a converted copy, preferred), ``.csv.gz`` or ``.csv``.
 
     Raises:
         FileNotFoundError: If ``required`` and neither file exists; the message names the table,
             the root and every path tried.
     """
     root = Path(root)
-    candidates = [root / f"{name}.csv.gz", root / f"{name}.csv"]
+    candidates = [root / f"{name}.parquet", root / f"{name}.csv.gz", root / f"{name}.csv"]
     for path in candidates:
         if path.is_file():
             return path
@@ -110,6 +111,8 @@ def read_header(path: str | Path) -> list[str]:
     Raises:
         TableError: If the file is empty (0 bytes, an empty gzip, no header line) or unreadable.
     """
+    if str(path).endswith(".parquet"):
+        return parquet_header(Path(path))
     try:
         return list(pd.read_csv(path, nrows=0, encoding_errors="replace").columns)
     except pd.errors.EmptyDataError:
@@ -213,6 +216,9 @@ def _read_chunks(path: Path, table: str, *args) -> Iterator[pd.DataFrame]:
     A ``.csv`` whose last byte is not a newline was cut: its last row may hold a shortened id or
     path that would pass as valid. (A cut ``.csv.gz`` fails its stream check instead.)
     """
+    if path.suffix == ".parquet":
+        yield from read_parquet_chunks(path, table, *args)
+        return
     cut = path.suffix == ".csv" and _last_byte(path) not in (b"\n", b"")
     held = None
     for chunk in _read_rows(path, table, *args):
@@ -404,11 +410,13 @@ def iter_table(
     cols = list(columns)
     _check_columns(path, header, cols)
     keys = [k for k in KEY_COLUMNS.get(name, ()) if k in cols]
-    for chunk in _read_chunks(path, name, cols, _dtypes(name, cols), chunksize, keys):
-        chunk = chunk[cols]
-        if parse_time_columns:
-            parse_times(chunk, name, path)
-        yield chunk
+    with table_progress(path, name) as bar:
+        for chunk in _read_chunks(path, name, cols, _dtypes(name, cols), chunksize, keys):
+            chunk = chunk[cols]
+            if parse_time_columns:
+                parse_times(chunk, name, path)
+            bar.advance(len(chunk))
+            yield chunk
 
 
 def read_csv_file(
