@@ -210,12 +210,19 @@ class PostImputation(nn.Module):
     Args:
         d_model: Width D.
         num_heads: Heads (must divide D).
-        dropout: Dropout on attention probabilities and the residual branch.
+        dropout: Dropout on the residual branch.
         topk_keys: Keep only the ``topk_keys`` best-scoring real keys per query (None = all).
+        attn_dropout: Dropout on the attention probabilities. Without key sparsity and with
+            ``attn_dropout == 0`` (or in eval) the fused attention kernel runs.
     """
 
     def __init__(
-        self, d_model: int, num_heads: int, dropout: float = 0.0, topk_keys: int | None = None
+        self,
+        d_model: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        topk_keys: int | None = None,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
         if d_model % num_heads:
@@ -225,6 +232,7 @@ class PostImputation(nn.Module):
         self.q, self.kv = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
         self.out, self.norm_out = nn.Linear(d_model, d_model), nn.LayerNorm(d_model)
         self.drop = Dropout(dropout)
+        self.attn_drop = Dropout(attn_dropout)
 
     def forward(self, h: torch.Tensor, src: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """``LN(h + CA(q=h, kv=src[key_mask]))`` for every token: ``(B, T, D)``."""
@@ -233,15 +241,20 @@ class PostImputation(nn.Module):
         q = self.q(self.norm_q(h)).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, dh)
         kv = self.kv(self.norm_kv(src)).view(B, T, 2, H, D // H)  # (B, T, 2, H, dh)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, T, dh)
-        s = q @ k.transpose(-1, -2) * (D // H) ** -0.5  # (B, H, Tq, Tk)
         keep = safe_key_mask(key_mask)[:, None, None, :]  # (B, 1, 1, Tk)
+        sparse = self.topk_keys is not None and self.topk_keys < T
+        if not sparse and not (self.training and self.attn_drop.p > 0):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, Tq, dh)
+            o = o.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+            return self.norm_out(h + self.drop(self.out(o)))
+        s = q @ k.transpose(-1, -2) * (D // H) ** -0.5  # (B, H, Tq, Tk)
         neg = torch.finfo(s.dtype).min
-        if self.topk_keys is not None and self.topk_keys < T:
+        if sparse:
             kth = (
                 s.masked_fill(~keep, neg).topk(self.topk_keys, -1).values[..., -1:]
             )  # (B, H, T, 1)
             keep = keep & (s >= kth)
-        p = self.drop(torch.softmax(s.masked_fill(~keep, neg), -1))  # (B, H, Tq, Tk)
+        p = self.attn_drop(torch.softmax(s.masked_fill(~keep, neg), -1))  # (B, H, Tq, Tk)
         o = (p @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.norm_out(h + self.drop(self.out(o)))
 
@@ -257,8 +270,9 @@ class ConfSMoE(FusionHead):
         top_k: Experts per token (paper 2).
         hidden: Expert hidden width.
         dropout: Dropout (paper 0.1-0.4) on residual branches, in the experts and stage 2.
-        attn_dropout: Dropout on the self-attention probabilities (0 by default: on CPU any
-            value > 0 forces the unfused attention kernel that keeps a ``T x T`` matrix per head).
+        attn_dropout: Dropout on the attention probabilities of the self-attention and stage 2
+            (0 by default: on CPU any value > 0 forces the unfused attention kernel that keeps a
+            ``T x T`` matrix per head).
         gate: Router gate: ``"softmax"``, ``"laplace"`` or ``"gaussian"``.
         noisy: Noisy top-k selection in training.
         normalize: Divide the k confidences by their sum.
@@ -356,7 +370,7 @@ class ConfSMoE(FusionHead):
         )
         self.impute = nn.ModuleDict(
             {
-                str(i): PostImputation(d_model, num_heads, dropout, topk_keys)
+                str(i): PostImputation(d_model, num_heads, dropout, topk_keys, attn_dropout)
                 for i in sorted(set(impute))
             }
         )

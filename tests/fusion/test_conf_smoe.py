@@ -318,3 +318,18 @@ def test_default_aux_weights_leave_the_task_loss_dominant():
     out = head(toks, PRESENT, labels=labels)
     task = F.binary_cross_entropy_with_logits(out.logits.squeeze(-1), labels)
     assert out.aux_loss < 0.5 * task
+
+
+def test_post_imputation_fused_path_equals_explicit_attention():
+    torch.manual_seed(0)
+    imp = PostImputation(D, 4).eval()
+    h, src = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    key_mask = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)  # 2nd: no key
+    H, dh = 4, D // 4
+    q = imp.q(imp.norm_q(h)).view(2, 5, H, dh).transpose(1, 2)  # (B, H, T, dh)
+    k, v = imp.kv(imp.norm_kv(src)).view(2, 5, 2, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
+    keep = (key_mask | ~key_mask.any(-1, keepdim=True))[:, None, None, :]
+    s = (q @ k.transpose(-1, -2) * dh**-0.5).masked_fill(~keep, float("-inf"))
+    o = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(2, 5, D)
+    want = imp.norm_out(h + imp.out(o))
+    torch.testing.assert_close(imp(h, src, key_mask), want, atol=1e-5, rtol=1e-5)
