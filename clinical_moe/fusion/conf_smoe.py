@@ -58,6 +58,8 @@ Where we deliberately differ from the released code (METHODS.md, "ConfSMoE"):
   either class. The frequencies ``pi`` are a running mean (then EMA at ``momentum``) of the
   training labels in a buffer (``class_freq``), so a batch without positives still gets sane
   weights; evaluation does not use them. ``class_balance=False`` restores plain means.
+- Attention-probability dropout is off by default (``attn_dropout=0``; ``dropout`` still acts on
+  residual branches and inside the experts): on CPU it forces the unfused attention kernel.
 - Auxiliary weights (``conf_weight=0.5``, ``cls_weight=0.1``, ``router_weight=0.1``; the paper
   and released code use 1 for each). With 1.0 each the aux terms were about 2.5x the task loss.
   The router loss is reported as a KL (BCE minus the constant entropy of its soft target; same
