@@ -80,7 +80,7 @@ print("stays with each modality:", summary["present_counts"])
 
 TRAIN_FN = '''\
 from clinical_moe.training.checkpoint import CheckpointDir
-from pipelines.train import run_name_of, train
+from pipelines.train import train
 
 
 def train_head(head, *extra, name=None):
@@ -91,8 +91,7 @@ def train_head(head, *extra, name=None):
     if SMALL:
         overrides.append("train.num_threads=1")
     cfg = load_config(REPO / "configs" / "tiny" / f"{head}.yaml", overrides)
-    train(cfg, quiet=True)
-    return CheckpointDir(WORK / "checkpoints" / run_name_of(cfg)).read_run()["run_id"]
+    return CheckpointDir(train(cfg, quiet=True)).read_run()["run_id"]  # this run's own folder
 '''
 
 
