@@ -16,8 +16,9 @@ from clinical_moe.data.synthetic.cxr_dicom import (
     write_dx,
 )
 from clinical_moe.data.synthetic.plan import ShardPlan
-from clinical_moe.data.synthetic.schema import CHEXPERT_FINDINGS, COLUMNS
+from clinical_moe.data.synthetic.schema import COLUMNS
 from clinical_moe.data.synthetic.timeutil import split_date_time
+from clinical_moe.data.targets import CHEXPERT_FINDINGS
 
 # Views of a study: (views, procedure, probability). ICU films are mostly portable AP.
 STUDY_TYPES = [

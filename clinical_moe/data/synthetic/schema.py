@@ -6,6 +6,8 @@ schemas (see the design page MIMIC_FORMATS.md), in their published order.
 
 from __future__ import annotations
 
+from clinical_moe.data.targets import CHEXPERT_FINDINGS
+
 COLUMNS: dict[str, list[str]] = {
     "patients": ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
     "admissions": [
@@ -97,20 +99,7 @@ COLUMNS: dict[str, list[str]] = {
     "cxr_chexpert": [
         "subject_id",
         "study_id",
-        "Atelectasis",
-        "Cardiomegaly",
-        "Consolidation",
-        "Edema",
-        "Enlarged Cardiomediastinum",
-        "Fracture",
-        "Lung Lesion",
-        "Lung Opacity",
-        "No Finding",
-        "Pleural Effusion",
-        "Pleural Other",
-        "Pneumonia",
-        "Pneumothorax",
-        "Support Devices",
+        *CHEXPERT_FINDINGS,  # the loader's list: the corpus writes what the loader reads
     ],
     "cxr_records": ["subject_id", "study_id", "dicom_id", "path"],
     "ecg_records": ["subject_id", "study_id", "file_name", "ecg_time", "path"],
@@ -320,5 +309,4 @@ GCS_MOTOR = {
 }
 CAP_REFILL = ("Normal <3 secs", "Abnormal >3 secs")
 
-CHEXPERT_FINDINGS = COLUMNS["cxr_chexpert"][2:]
 ECG_LEADS = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
