@@ -14,6 +14,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+MIN_STAYS = 50  # rows of fewer stays are marked "!" (unreliable), as in the reports
+
+
+def _n_label(name, n) -> str:
+    """``"ehr+cxr (n=4 !)"``: a row label with its stay count, ``!`` when it is small."""
+    return f"{name} (n={int(n)}{' !' if int(n) < MIN_STAYS else ''})"
+
+
 LABELS = {
     "shapley": "Shapley (log-odds)",
     "ig": "Integrated Gradients (log-odds)",
@@ -84,7 +92,7 @@ def pattern_figure(patterns: pd.DataFrame, method: str = "shapley", modalities=N
     if modalities is not None:
         grid = grid.reindex(columns=[m for m in modalities if m in grid.columns])
     n = part.groupby("pattern")["n_stays"].first()
-    grid.index = [f"{p} (n={n[p]})" for p in grid.index]
+    grid.index = [_n_label(p, n[p]) for p in grid.index]
     fig = Figure(figsize=(6, 0.45 * len(grid) + 1.8))
     ax = fig.subplots()
     _heatmap(ax, grid, f"mean {LABELS[method]} by missingness pattern", cmap="RdBu_r", center=True)
@@ -101,6 +109,9 @@ def routing_figures(by_modality: pd.DataFrame, by_pattern: pd.DataFrame) -> dict
         g1 = mod.pivot(index="group", columns="expert", values="mean_prob")
         pat = by_pattern[by_pattern["layer"] == layer]
         g2 = pat.pivot(index="pattern", columns="expert", values="mean_prob")
+        if "n_stays" in pat:
+            n = pat.groupby("pattern")["n_stays"].first()
+            g2.index = [_n_label(p, n[p]) for p in g2.index]
         fig = Figure(figsize=(12, 0.4 * max(len(g1), len(g2)) + 2.2))
         axes = fig.subplots(1, 2)
         _heatmap(axes[0], g1, f"layer {layer}: mean router probability by modality")
@@ -117,7 +128,7 @@ def interaction_figure(summary: pd.DataFrame):
     if summary.empty or "group" not in summary:
         return None
     grid = summary.set_index("group").drop(columns=["n_stays"])
-    grid.index = [f"{g} (n={n})" for g, n in zip(grid.index, summary["n_stays"])]
+    grid.index = [_n_label(g, n) for g, n in zip(grid.index, summary["n_stays"])]
     fig = Figure(figsize=(7, 0.45 * len(grid) + 1.8))
     ax = fig.subplots()
     _heatmap(ax, grid, "I2MoE mean interaction weights (U_m over stays that have m)")

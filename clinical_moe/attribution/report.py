@@ -2,7 +2,10 @@
 
 The HTML embeds its figures as base64 PNGs, so one file can be archived or attached to an MLflow
 run. It names stays by stay id only and holds numbers, modality names and missingness patterns:
-no patient free text ever reaches it (ARCHITECTURE.md, privacy convention).
+no patient free text ever reaches it (ARCHITECTURE.md, privacy convention). Each figure has a
+caption that says what it shows and how to read it, and every row or figure resting on few stays
+or few positives carries a visible "unreliable" note (:func:`~clinical_moe.evaluation.report.
+small_n_note`, the rule of the evaluation report).
 """
 
 from __future__ import annotations
@@ -15,11 +18,48 @@ from pathlib import Path
 import pandas as pd
 
 from clinical_moe.attribution import plots
+from clinical_moe.evaluation.report import SMALL_N_RULE, small_n_note
 
 _CSS = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:0.5em 0}td,th{border:1px solid #ccc;
 padding:2px 6px;text-align:right}th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}
-.note{color:#555;font-size:13px}img{max-width:100%}"""
+.note{color:#555;font-size:13px;max-width:950px}img{max-width:100%;height:auto}
+.tw{overflow-x:auto;max-width:100%}figure{margin:1em 0}
+figcaption{font-size:13px;color:#444;max-width:950px;margin-top:.3em}
+.warn{background:#fff3cd;border:1px solid #e0b000;padding:.5em .8em;max-width:950px}
+td.caution{color:#b00000;font-weight:bold;text-align:left}"""
+
+CAPTIONS = {
+    "importance": "How much each modality moves the prediction, one panel per method. Blue: mean "
+    "|attribution| over the stays that have the modality (its typical effect when present); "
+    "orange: the same over all stays, absent ones counting 0 (its overall weight in this test "
+    "split, lower for rarely observed modalities). Taller = the modality matters more; the "
+    "y units differ between panels (log-odds for Shapley and IG, risk for ablation), so compare "
+    "modalities within a panel, not heights across panels.",
+    "patterns": "Mean signed Shapley value (log-odds) of each modality (columns) for the stays of "
+    "each missingness pattern (rows, with their number of stays). Red = the modality pushed the "
+    "risk up on average, blue = down, white = no effect; blank = the modality is absent in that "
+    "pattern. A modality whose colour changes between patterns is used differently depending on "
+    "what else is observed. ! marks patterns with few stays or positives: unreliable.",
+    "interactions": "I2MoE's mean interaction weights (columns: the uniqueness experts U_m, the "
+    "synergy and the redundancy expert) for the stays of each missingness pattern (rows, with "
+    "their number of stays). Each row sums to 1 over the experts a stay can use; a large synergy "
+    "weight says the head relies on modalities together rather than one at a time.",
+}
+
+ROUTING_TEXT = """<p class="note"><b>How to read.</b> A mixture-of-experts layer sends each token
+(a piece of one modality's encoding) to a few of its experts; the router gives every token a
+probability per expert. Left heatmap: the mean router probability per expert (columns) for the
+tokens of each modality (rows), split into <i>observed</i> tokens (real data) and <i>filled</i>
+tokens (positions the head filled through its missing-modality path); each row sums to 1. Right:
+the same for the observed tokens of the stays of each missingness pattern. Uniform rows (every
+value near 1 / number of experts) mean the router does not tell modalities apart; a row with one
+bright cell means the modality has its own expert. The table gives per layer the normalised mutual
+information between a token's top expert and its modality (<i>nmi_modality</i>) or its stay's
+pattern (<i>nmi_pattern</i>): 0 = experts ignore it, 1 = the expert is determined by it; and
+<i>load_entropy</i>: 1 = all experts used equally, near 0 = most tokens go to one expert
+(collapse).</p>"""
+
 
 METHODS_TEXT = """<p class="note">All methods explain the log-odds of the target
 ({target}). <b>Shapley</b>: exact modality Shapley values over all coalitions of the stay's
@@ -112,11 +152,47 @@ def _table(df: pd.DataFrame, max_rows: int = 60) -> str:
     )
 
 
-def _img(png: bytes | None, alt: str) -> str:
+def _img(png: bytes | None, alt: str, caption: str | None = None) -> str:
+    """An embedded PNG, inside a ``<figure>`` with ``caption`` (plain text) when given."""
     if png is None:
         return ""
     data = base64.b64encode(png).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    alt = caption or alt
+    img = f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    if caption is None:
+        return img
+    return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def _cautioned(df: pd.DataFrame, n_col: str, positives: pd.Series | None = None) -> pd.DataFrame:
+    """``df`` with a ``caution`` column ("n=4, 1 positive: unreliable") from ``n_col``."""
+    pos = positives if positives is not None else [None] * len(df)
+    return df.assign(caution=[small_n_note(n, k) for n, k in zip(df[n_col], pos)])
+
+
+def _positives(per_stay: pd.DataFrame, key: pd.Series) -> pd.Series:
+    """Positives among the stays, for each value of ``key`` (a per-stay grouping)."""
+    y = pd.to_numeric(per_stay["label"], errors="coerce")
+    return y.groupby(key.to_numpy()).sum()
+
+
+def _html_table(df: pd.DataFrame, max_rows: int = 60) -> str:
+    """:func:`_table` in a horizontally scrolling box, caution cells highlighted."""
+    out = _table(df, max_rows).replace("<td>n=", '<td class="caution">n=')
+    return f'<div class="tw">{out}</div>'
+
+
+def small_n_warning(per_stay: pd.DataFrame) -> str:
+    """A visible warning paragraph when the attributed split is small, else ""."""
+    y = pd.to_numeric(per_stay["label"], errors="coerce")
+    note = small_n_note(len(per_stay), int(y.sum()) if y.notna().all() else None)
+    if not note:
+        return ""
+    return (
+        f'<p class="warn"><b>Warning.</b> Only {len(per_stay)} stays were attributed ({note}): '
+        "the means, rankings and CIs below rest on few stays and can change completely on "
+        "another sample. Attribute a larger split before drawing conclusions.</p>"
+    )
 
 
 def high_risk_stays(per_stay: pd.DataFrame, modalities, n: int = 10) -> pd.DataFrame:
@@ -132,23 +208,40 @@ def faithfulness_html(tables: dict[str, pd.DataFrame], figures: dict[str, bytes]
     probe = tables.get("encoder_probe")
     probe_parts = []
     if probe is not None and not probe.empty:
-        probe_parts = ["<h2>Encoder probes</h2>", PROBE_TEXT, _table(probe)]
+        probe_parts = [
+            "<h2>Encoder probes</h2>",
+            PROBE_TEXT,
+            _html_table(_cautioned(probe, "n_test")),
+        ]
     if "status" in set(faith["metric"]):
-        return [*parts, _table(faith), *probe_parts]
+        return [*parts, _html_table(faith), *probe_parts]
     groups = tables.get("faithfulness_groups")
     parts.append(FAITH_TEXT)
     if groups is not None and not groups.empty:
-        parts += ["<h3>Groups (definitions as used)</h3>", _table(groups)]
-    parts += [FAITH_FIGURE_TEXT, _img(figures.get("faithfulness"), "faithfulness")]
+        parts += ["<h3>Groups (definitions as used)</h3>", _html_table(groups)]
+    parts += [
+        FAITH_FIGURE_TEXT,
+        _img(
+            figures.get("faithfulness"),
+            "faithfulness",
+            "Faithfulness of each method per group against chance and the oracle (left), and "
+            "Shapley values against the true effects (right); see the text above.",
+        ),
+    ]
     rank = faith[~faith["metric"].str.startswith("synergy_weight")]
-    parts += ["<h3>Ranking figures with 95% CIs</h3>", _table(rank, max_rows=200)]
+    parts += ["<h3>Ranking figures with 95% CIs</h3>", _html_table(rank, max_rows=200)]
     syn = faith[faith["metric"].str.startswith("synergy_weight")]
     if not syn.empty:
         parts += [
             "<h3>I2MoE synergy weight</h3>",
             SYNERGY_TEXT,
-            _img(figures.get("synergy"), "synergy"),
-            _table(syn),
+            _img(
+                figures.get("synergy"),
+                "synergy",
+                "Mean synergy-expert weight on synergy-driven stays and on the other stays with "
+                "CXR and EHR, with their difference and its 95% CI (see the text above).",
+            ),
+            _html_table(syn),
         ]
     return parts + probe_parts
 
@@ -164,24 +257,43 @@ def write_html(
     path = Path(path)
     esc = html.escape
     prev = float(info.get("prevalence", float("nan")))
+    per = tables["per_stay"]
+    summary = tables["modality_summary"]
+    y = pd.to_numeric(per["label"], errors="coerce")
+    has_pos = {m: y[per[f"has_{m}"].astype(bool)].sum() for m in modalities if f"has_{m}" in per}
+    mod_pos = pd.Series([has_pos.get(m) for m in summary["modality"]])
+    pat = tables["pattern_summary"][tables["pattern_summary"]["method"] == "shapley"]
+    pat_pos = _positives(per, per["pattern"])
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>Attribution report "
         f"{esc(str(info.get('run', '')))}</title><style>{_CSS}</style></head><body>",
         f"<h1>Modality attributions: {esc(str(info.get('run', '')))}</h1>",
-        _table(pd.DataFrame({"key": list(info), "value": [str(v) for v in info.values()]})),
+        small_n_warning(per),
+        _html_table(pd.DataFrame({"key": list(info), "value": [str(v) for v in info.values()]})),
         METHODS_TEXT.format(target=esc(str(info.get("target", ""))), prev=prev),
+        f'<p class="note">{esc(SMALL_N_RULE)}</p>',
         "<h2>Mean |attribution| per modality</h2>",
-        _img(figures.get("importance"), "importance"),
-        _table(tables["modality_summary"]),
+        _img(figures.get("importance"), "importance", CAPTIONS["importance"]),
+        _html_table(_cautioned(summary, "n_present", mod_pos)),
         "<h2>By missingness pattern</h2>",
-        _img(figures.get("patterns"), "patterns"),
-        _table(tables["pattern_summary"][tables["pattern_summary"]["method"] == "shapley"]),
+        _img(figures.get("patterns"), "patterns", CAPTIONS["patterns"]),
+        _html_table(_cautioned(pat, "n_stays", pat["pattern"].map(pat_pos))),
     ]
     routing = [k for k in sorted(figures) if k.startswith("routing_layer")]
     parts.append("<h2>Routing</h2>")
     if routing:
-        parts += [_img(figures[k], k) for k in routing]
-        parts.append(_table(tables["routing_specialisation"]))
+        parts.append(ROUTING_TEXT)
+        parts += [
+            _img(
+                figures[k],
+                k,
+                f"Router probabilities of MoE layer {k.removeprefix('routing_layer')}: by "
+                "modality and token status (left), by missingness pattern (right, rows with "
+                "their number of stays; ! = few stays: unreliable).",
+            )
+            for k in routing
+        ]
+        parts.append(_html_table(tables["routing_specialisation"]))
     else:
         parts.append(
             "<p class='note'>This head has no token router "
@@ -190,13 +302,15 @@ def write_html(
     if not tables["interaction_summary"].empty:
         parts += [
             "<h2>I2MoE interaction weights</h2>",
-            _img(figures.get("interactions"), "interactions"),
-            _table(tables["interaction_summary"]),
+            _img(figures.get("interactions"), "interactions", CAPTIONS["interactions"]),
+            _html_table(_cautioned(tables["interaction_summary"], "n_stays")),
         ]
     parts += faithfulness_html(tables, figures)
     parts += [
         "<h2>Highest-risk stays (by stay id)</h2>",
-        _table(high_risk_stays(tables["per_stay"], modalities)),
+        '<p class="note">The test stays with the highest predicted risk, their label, the '
+        "modalities they have and each modality's Shapley value (log-odds; 0 = absent).</p>",
+        _html_table(high_risk_stays(tables["per_stay"], modalities)),
         "</body></html>",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from clinical_moe.config import EvalConfig
 from clinical_moe.evaluation.ceiling import ceiling_table
 from clinical_moe.evaluation.context import EvalContext, build_context, load_truth
 from clinical_moe.evaluation.inference import predict_under_masks
+from clinical_moe.evaluation.paired import PAIRED_COLUMNS, paired_auroc_rows
 from clinical_moe.metrics import EVAL_METRICS, best_threshold, prevalence, score_with_ci
 from clinical_moe.missingness import MissingnessSpec, grid_specs, pattern_name
 
@@ -86,6 +87,8 @@ class GridResult:
             stays and how exact the ceiling is (empty on real data).
         masks: Long table of every distinct mask: point, stay_id, ``has_<modality>``.
         meta: Seeds, settings, split hash, timings.
+        paired: One row per point x pair of runs: AUROC difference with a paired bootstrap CI
+            (:mod:`clinical_moe.evaluation.paired`; empty with one run).
     """
 
     grid: pd.DataFrame
@@ -95,6 +98,7 @@ class GridResult:
     masks: pd.DataFrame
     meta: dict
     ceiling: pd.DataFrame = field(default_factory=pd.DataFrame)
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _point_seed(seed: int, rows: np.ndarray) -> list[int]:
@@ -266,7 +270,7 @@ def run_grid(
     ceiling, refs, ceiling_note = ceiling_table(specs, masks, index, ctx, cfg, test, seed)
     timings = {"context_and_masks_s": time.perf_counter() - t0}
 
-    run_rows, records, natural_records = [], [], []
+    run_rows, records, natural_records, paired_records = [], [], [], []
     probs_by_run = []
     for run, name in zip(runs, names):
         t_run = time.perf_counter()
@@ -322,6 +326,15 @@ def run_grid(
                 {"run": name, "run_id": run.run_id, "head": run.cfg.model.name, **base},
                 scores,
                 refs.get(spec.label),
+            )
+        if len(probs_by_run) > 1:  # paired AUROC differences on the same resamples
+            paired_records += paired_auroc_rows(
+                spec.label,
+                y,
+                {name: probs[index[spec.label]][rows] for _, name, _, probs in probs_by_run},
+                task,
+                cfg.bootstrap,
+                _point_seed(seed, rows),
             )
 
     # natural missingness, per observed combination of modalities
@@ -403,4 +416,5 @@ def run_grid(
         masks=pd.concat(mask_frames, ignore_index=True),
         meta=meta,
         ceiling=ceiling,
+        paired=pd.DataFrame(paired_records, columns=PAIRED_COLUMNS),
     )

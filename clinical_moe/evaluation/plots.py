@@ -4,7 +4,10 @@
   one line per run with its bootstrap 95% CI band, the ceiling of each rate's masks (what an
   observer of the shown modalities can reach; synthetic data) as a solid black line and the
   oracle (true risk) dashed;
-- :func:`pattern_heatmap`: runs x modality patterns (fixed patterns, or natural combinations).
+- :func:`pattern_heatmap`: runs x modality patterns (fixed patterns, or natural combinations);
+  a column resting on few stays or positives is marked ``!`` and hatched (unreliable).
+
+The reports caption each figure (:func:`clinical_moe.evaluation.report.captions`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,15 @@ def metric_vs_rate(
     return path
 
 
+def _few(n, n_pos, min_n: int = 50, min_class: int = 10) -> bool:
+    """Whether a cell rests on fewer than ``min_n`` stays or ``min_class`` positives/negatives."""
+    if pd.isna(n):
+        return False
+    if pd.isna(n_pos):
+        return n < min_n
+    return bool(n < min_n or min(n_pos, n - n_pos) < min_class)
+
+
 def pattern_heatmap(
     table: pd.DataFrame,
     path: str | Path,
@@ -94,7 +106,10 @@ def pattern_heatmap(
     values = df.pivot_table(
         index="run", columns="pattern", values="value", aggfunc="first", dropna=False
     ).reindex(index=runs, columns=patterns)
-    counts = df.drop_duplicates("pattern").set_index("pattern")["n"].reindex(patterns)
+    first = df.drop_duplicates("pattern").set_index("pattern").reindex(patterns)
+    counts = first["n"]
+    pos = first["n_pos"] if "n_pos" in first else pd.Series(np.nan, index=patterns)
+    few = [_few(n, k) for n, k in zip(counts, pos)]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(patterns) + 2.5), 0.5 * len(runs) + 2.2))
     data = np.ma.masked_invalid(values.to_numpy(dtype=float))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
@@ -116,15 +131,25 @@ def pattern_heatmap(
                 fontsize=7,
                 color="white" if np.isfinite(v) and v < mid else "black",
             )
+    for j, flag in enumerate(few):
+        if flag:  # hatch the unreliable columns
+            ax.add_patch(
+                plt.Rectangle(
+                    (j - 0.5, -0.5), 1, len(runs), fill=False, hatch="//", ec="red", lw=0, alpha=0.5
+                )
+            )
     ax.set_xticks(
         range(len(patterns)),
-        [f"{p}\n(n={int(c)})" for p, c in zip(patterns, counts)],
+        [f"{p}\n(n={int(c)}{' !' if f else ''})" for p, c, f in zip(patterns, counts, few)],
         rotation=60,
         ha="right",
-        fontsize=7,
+        fontsize=8,
     )
+    for label, flag in zip(ax.get_xticklabels(), few):
+        if flag:
+            label.set_color("#b00000")
     ax.set_yticks(range(len(runs)), runs, fontsize=8)
-    ax.set_title(title)
+    ax.set_title(title + ("\n! hatched = few stays or positives: unreliable" if any(few) else ""))
     fig.colorbar(im, ax=ax, label=LABELS.get(metric, metric))
     fig.tight_layout()
     path = Path(path)

@@ -7,12 +7,16 @@ Layout of ``out_dir``::
     runs.csv                         run, id, head, validation threshold and scores
     oracle.csv                       true-risk scores on the same test stays (synthetic data only)
     ceiling.csv                      per point: ceiling and oracle AUROC (synthetic data only)
+    paired.csv                       per point x pair of runs: AUROC difference, paired 95% CI
     masks.parquet                    every distinct mask: point, stay_id, has_<modality>
     meta.json                        settings, seeds, test split hash, timings
     auroc_vs_rate.png  patterns.png  natural_patterns.png
     summary.md  report.html          the HTML embeds the PNGs (one self-contained file)
 
-Only stay ids, counts and scores are written: never any free text of a patient.
+Every figure has a caption saying what it shows and how to read it; every table row and heatmap
+column resting on few stays or few positives carries a visible "unreliable" note
+(:func:`small_n_note`). Only stay ids, counts and scores are written: never any free text of a
+patient.
 """
 
 from __future__ import annotations
@@ -28,6 +32,33 @@ import pandas as pd
 from clinical_moe.evaluation.plots import LABELS, metric_vs_rate, pattern_heatmap
 
 TABLES = ("grid", "natural")
+MIN_STAYS = 50  # below this many scored stays a figure is flagged unreliable
+MIN_CLASS = 10  # ... or below this many positives (or negatives)
+
+
+def small_n_note(n, n_pos=None) -> str:
+    """``"n=14, 3 positives: unreliable"`` where a figure rests on few stays or positives, else "".
+
+    Args:
+        n: Scored stays.
+        n_pos: Positives among them (None for a multiclass task: only ``n`` is checked).
+    """
+    if n is None or pd.isna(n):
+        return ""
+    n = int(n)
+    if n_pos is None or pd.isna(n_pos):
+        return f"n={n}: unreliable" if n < MIN_STAYS else ""
+    n_pos = int(n_pos)
+    if n < MIN_STAYS or min(n_pos, n - n_pos) < MIN_CLASS:
+        return f"n={n}, {n_pos} positive{'s' if n_pos != 1 else ''}: unreliable"
+    return ""
+
+
+SMALL_N_RULE = (
+    f"Rows marked unreliable rest on fewer than {MIN_STAYS} stays or fewer than {MIN_CLASS} "
+    "positives (or negatives): their point values can be 1.000 or 0.000 by chance and their "
+    "intervals are too narrow to trust (a bootstrap cannot see outcomes the few stays never had)."
+)
 
 
 def _fmt(v: float, ci_low: float = math.nan, ci_high: float = math.nan) -> str:
@@ -51,8 +82,13 @@ def summary_table(
     order = list(dict.fromkeys(df["point"]))
     table = df.pivot_table(index="point", columns="run", values="text", aggfunc="first")
     table = table.reindex(index=order, columns=list(dict.fromkeys(df["run"])))
-    n = df.drop_duplicates("point").set_index("point")["n"].reindex(order)
-    table.insert(0, "n", n.astype(int))
+    first = df.drop_duplicates("point").set_index("point").reindex(order)
+    table.insert(0, "n", first["n"].astype(int))
+    n_pos = first["n_pos"] if "n_pos" in first else pd.Series(None, index=order)
+    if n_pos.notna().any():
+        table.insert(1, "positives", n_pos.astype("Int64"))
+    table["caution"] = [small_n_note(n, k) for n, k in zip(first["n"], n_pos)]
+    table.columns.name = None
     return table
 
 
@@ -78,6 +114,99 @@ def _points_of_interest(grid: pd.DataFrame) -> list[str]:
     return pts
 
 
+def _signed(v: float, lo: float, hi: float) -> str:
+    if not math.isfinite(v):
+        return "n/a"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{v:+.3f}"
+    star = " *" if lo > 0 or hi < 0 else ""
+    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
+
+
+def paired_table(paired: pd.DataFrame, points: list[str] | None = None) -> pd.DataFrame:
+    """Paired AUROC differences as text: points (rows) x "a − b" (columns), with n and cautions."""
+    if paired is None or not len(paired):
+        return pd.DataFrame()
+    df = paired if points is None else paired[paired["point"].isin(points)]
+    df = df.assign(
+        pair=[f"{a} − {b}" for a, b in zip(df["run_a"], df["run_b"])],
+        text=[_signed(v, lo, hi) for v, lo, hi in zip(df["diff"], df["ci_low"], df["ci_high"])],
+    )
+    order = list(dict.fromkeys(df["point"]))
+    table = df.pivot_table(index="point", columns="pair", values="text", aggfunc="first")
+    table = table.reindex(index=order, columns=list(dict.fromkeys(df["pair"])))
+    first = df.drop_duplicates("point").set_index("point").reindex(order)
+    table.insert(0, "n", first["n"].astype(int))
+    if first["n_pos"].notna().any():
+        table.insert(1, "positives", first["n_pos"].astype("Int64"))
+    table["caution"] = [small_n_note(n, k) for n, k in zip(first["n"], first["n_pos"])]
+    table.columns.name = None
+    return table
+
+
+PAIRED_TEXT = (
+    "Each cell is AUROC(a) − AUROC(b) on the same test stays under the same mask, with a 95% CI "
+    "from the same bootstrap resamples for both runs (paired: stays that are hard for one run "
+    "are usually hard for the other, so this interval is narrower than the two runs' own "
+    "intervals suggest). * = the CI excludes 0: the runs differ on these stays; otherwise this "
+    "test set cannot tell them apart. No correction for looking at many points."
+)
+
+
+def captions(result) -> dict[str, str]:
+    """What each figure of the evaluation shows and how to read it (for the reports)."""
+    n_test = int(result.meta.get("n_test", 0))
+    n_pos = None
+    nat = result.grid[(result.grid["point"] == "natural") & (result.grid["metric"] == "auroc")]
+    if len(nat) and "n_pos" in nat and pd.notna(nat["n_pos"].iloc[0]):
+        n_pos = int(nat["n_pos"].iloc[0])
+    few = small_n_note(n_test, n_pos)
+    if few:
+        few = f" Caution: a small test set ({few}): lines and bands move with a few stays."
+    return {
+        "auroc_vs_rate.png": (
+            "AUROC (y axis) as more of the observed modalities are hidden (x axis: the simulated "
+            "missing rate, the share of present modalities dropped), one panel per mechanism: "
+            "MCAR drops at random, MAR with a probability that depends on covariates, MNAR on the "
+            "label (or content). One coloured line per run with its 95% bootstrap band; solid "
+            "black = the ceiling (what a perfect observer of the modalities left can reach; "
+            "synthetic data only), dashed black = the oracle (true risk), dotted grey = chance "
+            "(0.5). A robust run stays flat as the rate rises; where two runs' bands overlap, see "
+            "the paired differences below before ranking them." + few
+        ),
+        "patterns.png": (
+            "AUROC of each run (rows) when every test stay is shown only the modalities of one "
+            "fixed pattern (columns; a stay keeps those of the pattern it has). The column label "
+            "gives the pattern and the stays scored; brighter = higher AUROC, 0.5 = chance, grey "
+            "n/a = undefined. Read across a row to see which modalities a run relies on, down a "
+            "column to compare runs on equal inputs. ! marks columns with fewer than "
+            f"{MIN_STAYS} stays or {MIN_CLASS} positives: unreliable."
+        ),
+        "natural_patterns.png": (
+            "AUROC of each run on the test stays grouped by the modalities they actually have "
+            "(nothing simulated): columns are the observed combinations, labelled with their "
+            "number of stays. These groups are often small: ! marks those with fewer than "
+            f"{MIN_STAYS} stays or {MIN_CLASS} positives, whose value (even 1.00) is unreliable; "
+            "grey n/a = undefined (only one class in the group)."
+        ),
+    }
+
+
+def _warning_lines(result) -> list[str]:
+    """A visible warning when the whole test set is too small for the figures to mean much."""
+    meta = result.meta
+    nat = result.grid[(result.grid["point"] == "natural") & (result.grid["metric"] == "auroc")]
+    n_pos = nat["n_pos"].iloc[0] if len(nat) and "n_pos" in nat else None
+    note = small_n_note(meta.get("n_test"), n_pos)
+    if not note:
+        return []
+    return [
+        f"Small test set ({note}): every AUROC below rests on few stays; differences between "
+        "runs and between points are mostly noise. Evaluate on a larger corpus before drawing "
+        "conclusions."
+    ]
+
+
 def write_outputs(result, out_dir: Path) -> dict[str, Path]:
     """Write every table, plot and report of a :class:`~clinical_moe.evaluation.grid.GridResult`.
 
@@ -93,7 +222,10 @@ def write_outputs(result, out_dir: Path) -> dict[str, Path]:
             path = out_dir / f"{name}.{ext}"
             df.to_csv(path, index=False) if ext == "csv" else df.to_parquet(path, index=False)
             files[f"{name}.{ext}"] = path
-    for name, df in (("runs", result.runs), ("oracle", result.oracle), ("ceiling", _ceil(result))):
+    paired = getattr(result, "paired", None)
+    paired = paired if paired is not None else pd.DataFrame()
+    tables = (("runs", result.runs), ("oracle", result.oracle), ("ceiling", _ceil(result)))
+    for name, df in (*tables, ("paired", paired)):
         df.to_csv(out_dir / f"{name}.csv", index=False)
         files[f"{name}.csv"] = out_dir / f"{name}.csv"
     result.masks.to_parquet(out_dir / "masks.parquet", index=False)
@@ -179,7 +311,20 @@ def _sections(result) -> list[tuple[str, pd.DataFrame]]:
     if len(nat):
         nat = nat.assign(point=nat["pattern"])
         out.append(("AUROC by natural modality combination", summary_table(nat, "auroc")))
+    paired = paired_table(
+        getattr(result, "paired", None),
+        list(dict.fromkeys(_points_of_interest(grid) + list(patterns["point"]))),
+    )
+    if len(paired):
+        out.insert(
+            len(_ceiling_sections(result)) + 1,
+            ("Paired AUROC differences between runs (95% paired bootstrap CI)", paired),
+        )
     return out
+
+
+def _section_note(title: str) -> str:
+    return PAIRED_TEXT if title.startswith("Paired") else ""
 
 
 def _header_lines(result) -> list[str]:
@@ -219,12 +364,18 @@ def _header_lines(result) -> list[str]:
 
 
 def write_markdown(result, out_dir: Path, plots: list[str]) -> Path:
-    """``summary.md``: header, summary tables, links to the plots."""
+    """``summary.md``: warning, header, figures with captions, summary tables."""
     parts = ["# Evaluation under simulated missingness", ""]
-    parts += [f"- {line}" for line in _header_lines(result)]
+    parts += [f"> **Warning.** {line}" for line in _warning_lines(result)]
+    parts += ["", *[f"- {line}" for line in _header_lines(result)]]
+    caps = captions(result)
+    parts += ["", "## Figures"]
+    for p in plots:
+        parts += ["", f"![{caps.get(p, p)}]({p})", "", f"*{caps.get(p, p)}*"]
+    parts += ["", "## Tables", "", SMALL_N_RULE]
     for title, table in _sections(result):
-        parts += ["", f"## {title}", "", markdown_table(table)]
-    parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+        note = _section_note(title)
+        parts += ["", f"### {title}", "", *([note, ""] if note else []), markdown_table(table)]
     parts += [
         "",
         "Tables: grid.csv / grid.parquet (tidy), natural.csv, runs.csv, oracle.csv, ceiling.csv, "
@@ -237,21 +388,38 @@ def write_markdown(result, out_dir: Path, plots: list[str]) -> Path:
 
 def write_html(result, out_dir: Path, plots: list[str]) -> Path:
     """``report.html``: the same content as the Markdown, with the PNGs embedded (base64)."""
-    body = ["<h1>Evaluation under simulated missingness</h1>", "<ul>"]
-    body += [f"<li>{html.escape(line)}</li>" for line in _header_lines(result)]
+    esc = html.escape
+    body = ["<h1>Evaluation under simulated missingness</h1>"]
+    body += [f'<p class="warn"><b>Warning.</b> {esc(line)}</p>' for line in _warning_lines(result)]
+    body.append("<ul>")
+    body += [f"<li>{esc(line)}</li>" for line in _header_lines(result)]
     body.append("</ul>")
+    caps = captions(result)
     for p in plots:
         data = base64.b64encode((out_dir / p).read_bytes()).decode("ascii")
         body.append(
-            f'<figure><img alt="{html.escape(p)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(p)}</figcaption></figure>"
+            f'<figure><img alt="{esc(caps.get(p, p))}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{esc(caps.get(p, p))}</figcaption></figure>"
         )
+    body.append(f'<p class="note">{esc(SMALL_N_RULE)}</p>')
     for title, table in _sections(result):
-        body += [f"<h2>{html.escape(title)}</h2>", table.to_html(border=0, escape=True)]
+        note = _section_note(title)
+        body += [f"<h2>{esc(title)}</h2>", f'<p class="note">{esc(note)}</p>' if note else ""]
+        table_html = (
+            table.reset_index()
+            .to_html(border=0, escape=True, index=False)
+            .replace("<td>n=", '<td class="caution">n=')
+        )
+        body.append(f'<div class="tw">{table_html}</div>')
     style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}"
         "table{border-collapse:collapse;font-size:12px}td,th{padding:3px 8px;"
-        "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}"
+        "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%;height:auto}"
+        ".tw{overflow-x:auto;max-width:100%}figure{margin:1.5em 0}"
+        "figcaption{font-size:13px;color:#444;max-width:900px;margin-top:.3em}"
+        ".note{font-size:13px;color:#444;max-width:900px}"
+        ".warn{background:#fff3cd;border:1px solid #e0b000;padding:.5em .8em;max-width:900px}"
+        "td.caution{color:#b00000;font-weight:bold;text-align:left}"
     )
     doc = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>clinical_moe evaluation"
