@@ -156,9 +156,19 @@ class GroupedSelfAttention(nn.Module):
             key_mask: ``BoolTensor`` broadcastable to ``(G, N, T)``, True = real key; None = all.
             groups: Optional group selection (see module docstring).
         """
-        G, N, T, D = x.shape
-        H = self.num_heads
-        qkv = self.qkv(x, groups).view(G * N, T, 3, H, D // H)  # (G*N, T, 3, H, dh)
+        return self.attend(self.qkv(x, groups), key_mask, groups)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention from precomputed projections ``qkv (G, N, T, 3D)`` (``self.qkv`` of the
+        input), so that rows sharing tokens can reuse them; same result as :meth:`forward`."""
+        G, N, T, D3 = qkv.shape
+        D, H = D3 // 3, self.num_heads
+        qkv = qkv.reshape(G * N, T, 3, H, D // H)  # (G*N, T, 3, H, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G*N, H, T, dh)
         attn_mask = None
         if key_mask is not None and not bool(key_mask.all()):  # all real: the unmasked kernel
@@ -221,5 +231,20 @@ class GroupedBlock(nn.Module):
         groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x (G, N, T, D)``, ``key_mask`` broadcastable to ``(G, N, T)`` -> ``(G, N, T, D)``."""
-        x = x + self.drop(self.attn(self.norm1(x, groups), key_mask, groups))
+        return self.forward_qkv(x, self.project(x, groups), key_mask, groups)
+
+    def project(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention projections ``(G, N, T, 3D)`` of ``x``: per token, so reusable by rows
+        holding the same token (e.g. I2MoE's perturbed variants)."""
+        return self.attn.qkv(self.norm1(x, groups), groups)
+
+    def forward_qkv(
+        self,
+        x: torch.Tensor,
+        qkv: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` given ``qkv = self.project(x)`` (or rows / positions gathered from it)."""
+        x = x + self.drop(self.attn.attend(qkv, key_mask, groups))
         return x + self.drop(self.ffn(self.norm2(x, groups), groups))

@@ -40,7 +40,9 @@ Our choices (METHODS.md, "I2MoE"):
   the same outputs, since a masked modality is neither a key, nor pooled, nor read by any other
   position, on ``T - T_m`` instead of ``T`` positions (attention cost ``((M-1)/M)^2``, the rest
   ``(M-1)/M`` for equal token counts), run as a second batched pass beside the unperturbed one.
-  Nothing changes in the method. With no padded token the attention then needs no mask at all,
+  The first block's layer norm + QKV projections are per token, so the variants gather theirs
+  from the input's pass instead of recomputing them (:meth:`_drop_pass`). Nothing changes in
+  the method. With no padded token the attention then needs no mask at all,
   which takes the fused attention kernel (no ``T x T`` probability matrix kept for backward).
   ``noise`` keeps every position (the noised tokens take part) in one batched pass.
 - Attention-probability dropout is off by default (``attn_dropout=0``; ``dropout`` still acts on
@@ -254,11 +256,19 @@ class I2MoE(FusionHead):
             the concatenation ``[the B unperturbed rows; xv]`` (so ``>= B``), or -1 where that
             variant does not apply (a single present modality).
         """
-        B, M = x.shape[0], len(self.modalities)
+        rows, cols, mv, pos = self._variant_index(mask, seg, eff)
+        xv = x[rows.unsqueeze(1), cols]  # (N', T', D)
+        return xv, mv, seg[cols], pos
+
+    def _variant_index(self, mask, seg, eff):
+        """Where each compact variant's tokens come from: sample ``rows (N',)`` and positions
+        ``cols (N', T')`` of the input, with the variants' mask ``(N', T')`` and ``pos (M, B)``."""
+        B, M = mask.shape[0], len(self.modalities)
+        dev = mask.device
         keeps = [(seg != i).nonzero().flatten() for i in range(M)]  # M x (T - T_i,)
         Tp = max(k.numel() for k in keeps)
-        pos = torch.full((M, B), -1, dtype=torch.long, device=x.device)
-        xs, ms, ss = [], [], []
+        pos = torch.full((M, B), -1, dtype=torch.long, device=dev)
+        rows_l, cols_l, ms = [], [], []
         offset = B
         n_present = eff.sum(1)  # (B,)
         for i in range(M):
@@ -266,17 +276,59 @@ class I2MoE(FusionHead):
             if rows.numel() == 0:
                 continue
             keep = keeps[i]
-            pad = Tp - keep.numel()
-            idx = F.pad(keep, (0, pad))  # (Tp,): padded slots read position 0, masked below
-            ok = torch.arange(Tp, device=x.device) < keep.numel()  # (Tp,)
-            xs.append(x.index_select(0, rows).index_select(1, idx))  # (n_i, Tp, D)
+            idx = F.pad(keep, (0, Tp - keep.numel()))  # (Tp,): padded slots read position 0
+            ok = torch.arange(Tp, device=dev) < keep.numel()  # (Tp,), masked below
+            rows_l.append(rows)
+            cols_l.append(idx.expand(rows.numel(), Tp))  # (n_i, Tp)
             ms.append(mask.index_select(0, rows).index_select(1, idx) & ok)  # (n_i, Tp)
-            ss.append(seg.index_select(0, idx).expand(rows.numel(), Tp))  # (n_i, Tp)
-            pos[i, rows] = torch.arange(offset, offset + rows.numel(), device=x.device)
+            pos[i, rows] = torch.arange(offset, offset + rows.numel(), device=dev)
             offset += rows.numel()
-        if not xs:
-            return x[:0], mask[:0], seg.expand(0, -1), pos
-        return torch.cat(xs, 0), torch.cat(ms, 0), torch.cat(ss, 0), pos
+        if not rows_l:
+            none = torch.zeros(0, dtype=torch.long, device=dev)
+            return none, none.view(0, 1).expand(0, Tp), mask.new_zeros(0, Tp), pos
+        return torch.cat(rows_l), torch.cat(cols_l), torch.cat(ms), pos
+
+    def _drop_pass(self, x, mask, seg, eff):
+        """Experts on the input and on every compact ``drop`` variant (training).
+
+        The first block's attention projections (layer norm + QKV) are per token, so the
+        variants gather theirs from the input's instead of recomputing them; the rest of the
+        stack runs on the input (T positions) and the variants (``T'``) as two batched passes.
+
+        Returns:
+            Embeddings ``(G, B + N', D)``, logits ``(G, B + N', C)`` and ``pos (M, B)``.
+        """
+        rows, cols, mv, pos = self._variant_index(mask, seg, eff)
+        G = self.num_experts
+        stack = [*self.trunk, *self.blocks]
+        h = (x + self.type_embed[seg]).unsqueeze(0)  # (1, B, T, D)
+        if not self.trunk:
+            h = h.expand(G, -1, -1, -1)  # (G, B, T, D)
+        first = stack[0]
+        qkv = first.project(h)  # (g, B, T, 3D)
+        outs = []
+        for hh, q, km in (
+            (h, qkv, mask),
+            (h[:, rows.unsqueeze(1), cols], qkv[:, rows.unsqueeze(1), cols], mv),  # (g, N', T', .)
+        ):
+            if km.shape[0] == 0:
+                continue
+            km = km.unsqueeze(0)  # (1, n, T)
+            hh = first.forward_qkv(hh, q, km)
+            for i, blk in enumerate(stack[1:], 1):
+                if i == len(self.trunk):
+                    hh = hh.expand(G, -1, -1, -1)  # (G, n, T, D): leave the shared trunk
+                hh = blk(hh, km)
+            outs.append(self._readout(hh, km[0]))
+        emb = torch.cat([o[0] for o in outs], 1)  # (G, B + N', D)
+        return emb, torch.cat([o[1] for o in outs], 1), pos
+
+    def _readout(self, h, mv, experts=None):
+        """Masked mean over positions, per-expert LayerNorm and head: ``(G, N, D)``, ``(G, N, C)``."""
+        w = mv.to(h.dtype).unsqueeze(0).unsqueeze(-1)  # (1, N, T, 1)
+        pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)  # (G, N, D)
+        emb = self.norm(pooled, experts)  # (G, N, D)
+        return emb, self.head(emb, experts)  # (G, N, D), (G, N, C)
 
     # ------------------------------------------------------------------ experts
     def expert_outputs(
@@ -305,10 +357,7 @@ class I2MoE(FusionHead):
         h = h.expand(G, -1, -1, -1)  # (G, N, T, D)
         for blk in self.blocks:
             h = blk(h, key_mask, experts)
-        w = mv.to(h.dtype).unsqueeze(0).unsqueeze(-1)  # (1, N, T, 1)
-        pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)  # (G, N, D)
-        emb = self.norm(pooled, experts)  # (G, N, D)
-        return emb, self.head(emb, experts)  # (G, N, D), (G, N, C)
+        return self._readout(h, mv, experts)
 
     def weights(self, tokens: dict[str, ModalityTokens], eff: torch.Tensor) -> torch.Tensor:
         """Reweighting model: ``(B, M + 2)`` weights, exactly 0 for absent modalities' U_m."""
@@ -330,13 +379,9 @@ class I2MoE(FusionHead):
         x, mask, seg, eff = self._inputs(tokens, present)
         B, M = x.shape[0], len(self.modalities)
         if self.training and self.perturb == "drop":
-            # two batched passes: the input (T positions) and every variant (T - T_m positions)
-            xv, mv, sv, pos = self.compact_variants(x, mask, seg, eff)
-            emb, expert_logits = self.expert_outputs(x, mask, seg)  # (G, B, D), (G, B, C)
-            if xv.shape[0]:
-                emb_v, logits_v = self.expert_outputs(xv, mv, sv)  # (G, N', D), (G, N', C)
-                emb = torch.cat([emb, emb_v], 1)  # (G, B + N', D)
-                expert_logits = torch.cat([expert_logits, logits_v], 1)  # (G, B + N', C)
+            # the input (T positions) and every variant (T - T_m positions), first-block
+            # projections shared
+            emb, expert_logits, pos = self._drop_pass(x, mask, seg, eff)  # (G, B + N', .)
         else:
             if self.training:  # noise: the variants keep every position, one batched pass
                 xv, mv, pos = self.build_variants(x, mask, seg, eff)

@@ -86,8 +86,7 @@ def test_batched_pass_equals_loop_of_expert_calls(kw):
 
 
 def test_forward_runs_batched_expert_passes(monkeypatch):
-    """drop: one pass on the input, one on every variant (cut down to T - T_m positions);
-    noise: one pass on everything; eval: one pass on the input."""
+    """noise: one pass on everything; eval: one pass on the input; drop: see below."""
     for perturb in ("drop", "noise"):
         head = _head(perturb=perturb).train()
         calls = []
@@ -100,9 +99,8 @@ def test_forward_runs_batched_expert_passes(monkeypatch):
         monkeypatch.setattr(head, "expert_outputs", counting)
         head(_tokens(PRESENT), PRESENT)
         B = PRESENT.shape[0]
-        if perturb == "drop":
-            n_variants = int((PRESENT & (PRESENT.sum(1, keepdim=True) >= 2)).sum())
-            assert calls == [(B, 3 * T), (n_variants, 2 * T)]
+        if perturb == "drop":  # its own pass (below), not expert_outputs
+            assert calls == []
         else:
             assert calls == [(B + int(PRESENT.sum()), 3 * T)]
         calls.clear()
@@ -267,3 +265,22 @@ def test_byte_dropout_rate_scale_and_gradient():
     assert drop(x) is x
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"shared_trunk": True, "num_layers": 2}, {"num_layers": 2}])
+def test_drop_pass_equals_masked_variants_and_projects_once(kw, monkeypatch):
+    """The training pass (compact variants, first-block projections gathered from the input's)
+    gives the expert outputs of the masked variants, computing the projections once."""
+    head = _head(**kw).train()
+    x, mask, seg, eff = head._inputs(_tokens(PRESENT), PRESENT)
+    xm, mm, pos_m = head.build_variants(x, mask, seg, eff)
+    emb_m, lg_m = head.expert_outputs(xm, mm, seg)
+    first = (head.trunk or head.blocks)[0]
+    calls = []
+    orig = first.project
+    monkeypatch.setattr(first, "project", lambda h, g=None: calls.append(h.shape) or orig(h, g))
+    emb, lg, pos = head._drop_pass(x, mask, seg, eff)
+    assert torch.equal(pos, pos_m)
+    assert len(calls) == 1 and calls[0][1:3] == (PRESENT.shape[0], 3 * T)
+    torch.testing.assert_close(emb, emb_m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lg, lg_m, atol=1e-5, rtol=1e-5)
