@@ -4,8 +4,8 @@
   one line per run with its bootstrap 95% CI band, the ceiling of each rate's masks (what an
   observer of the shown modalities can reach; synthetic data) as a solid black line and the
   oracle (true risk) dashed;
-- :func:`pattern_heatmap`: runs x modality patterns (fixed patterns, or natural combinations);
-  a column resting on few stays or positives is marked ``!`` and hatched (unreliable).
+- :func:`pattern_heatmap`: modality patterns x runs (fixed patterns, or natural combinations);
+  a row resting on few stays or positives is marked ``!`` and hatched (unreliable).
 
 The reports caption each figure (:func:`clinical_moe.evaluation.report.captions`).
 """
@@ -90,10 +90,13 @@ def pattern_heatmap(
     metric: str = "auroc",
     title: str = "AUROC by modality pattern",
 ) -> Path | None:
-    """Heatmap of ``metric`` for runs (rows) x patterns (columns), annotated with the values.
+    """Heatmap of ``metric`` for patterns (rows) x runs (columns), annotated with the values.
+
+    Patterns go down the rows so that their labels stay horizontal and readable however many
+    there are; a pattern resting on few stays or positives is labelled ``!`` in red and hatched.
 
     Args:
-        table: Tidy rows with ``run``, ``pattern``, ``metric``, ``value`` and ``n``.
+        table: Tidy rows with ``run``, ``pattern``, ``metric``, ``value``, ``n`` (and ``n_pos``).
         path: PNG file to write.
         metric: Which metric.
         title: Figure title.
@@ -104,13 +107,13 @@ def pattern_heatmap(
     patterns = list(dict.fromkeys(df["pattern"]))
     runs = list(dict.fromkeys(df["run"]))
     values = df.pivot_table(
-        index="run", columns="pattern", values="value", aggfunc="first", dropna=False
-    ).reindex(index=runs, columns=patterns)
+        index="pattern", columns="run", values="value", aggfunc="first", dropna=False
+    ).reindex(index=patterns, columns=runs)
     first = df.drop_duplicates("pattern").set_index("pattern").reindex(patterns)
     counts = first["n"]
     pos = first["n_pos"] if "n_pos" in first else pd.Series(np.nan, index=patterns)
     few = [_few(n, k) for n, k in zip(counts, pos)]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(patterns) + 2.5), 0.5 * len(runs) + 2.2))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(runs) + 4.0), 0.32 * len(patterns) + 1.6))
     data = np.ma.masked_invalid(values.to_numpy(dtype=float))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     lo = 0.5 if metric == "auroc" else float(np.nanmin(values.to_numpy(dtype=float), initial=0.0))
@@ -128,28 +131,30 @@ def pattern_heatmap(
                 "n/a" if not np.isfinite(v) else f"{v:.2f}",
                 ha="center",
                 va="center",
-                fontsize=7,
+                fontsize=8,
                 color="white" if np.isfinite(v) and v < mid else "black",
             )
-    for j, flag in enumerate(few):
-        if flag:  # hatch the unreliable columns
+    for i, flag in enumerate(few):
+        if flag:  # hatch the unreliable rows
             ax.add_patch(
                 plt.Rectangle(
-                    (j - 0.5, -0.5), 1, len(runs), fill=False, hatch="//", ec="red", lw=0, alpha=0.5
+                    (-0.5, i - 0.5), len(runs), 1, fill=False, hatch="//", ec="red", lw=0, alpha=0.4
                 )
             )
-    ax.set_xticks(
+    ax.set_yticks(
         range(len(patterns)),
-        [f"{p}\n(n={int(c)}{' !' if f else ''})" for p, c, f in zip(patterns, counts, few)],
-        rotation=60,
-        ha="right",
+        [f"{p} (n={int(c)}{' !' if f else ''})" for p, c, f in zip(patterns, counts, few)],
         fontsize=8,
     )
-    for label, flag in zip(ax.get_xticklabels(), few):
+    for label, flag in zip(ax.get_yticklabels(), few):
         if flag:
             label.set_color("#b00000")
-    ax.set_yticks(range(len(runs)), runs, fontsize=8)
-    ax.set_title(title + ("\n! hatched = few stays or positives: unreliable" if any(few) else ""))
+    ax.set_xticks(range(len(runs)), runs, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_title(
+        title + ("\n(! hatched = few stays or positives: unreliable)" if any(few) else ""),
+        fontsize=10,
+    )
     fig.colorbar(im, ax=ax, label=LABELS.get(metric, metric))
     fig.tight_layout()
     path = Path(path)

@@ -175,16 +175,16 @@ def captions(result) -> dict[str, str]:
             "the paired differences below before ranking them." + few
         ),
         "patterns.png": (
-            "AUROC of each run (rows) when every test stay is shown only the modalities of one "
-            "fixed pattern (columns; a stay keeps those of the pattern it has). The column label "
-            "gives the pattern and the stays scored; brighter = higher AUROC, 0.5 = chance, grey "
-            "n/a = undefined. Read across a row to see which modalities a run relies on, down a "
-            "column to compare runs on equal inputs. ! marks columns with fewer than "
+            "AUROC of each run (columns) when every test stay is shown only the modalities of one "
+            "fixed pattern (rows; a stay keeps those of the pattern it has). The row label gives "
+            "the pattern and the stays scored; brighter = higher AUROC, 0.5 = chance, grey n/a = "
+            "undefined. Read down a column to see which modalities a run relies on, across a row "
+            "to compare runs on equal inputs. ! marks rows with fewer than "
             f"{MIN_STAYS} stays or {MIN_CLASS} positives: unreliable."
         ),
         "natural_patterns.png": (
             "AUROC of each run on the test stays grouped by the modalities they actually have "
-            "(nothing simulated): columns are the observed combinations, labelled with their "
+            "(nothing simulated): rows are the observed combinations, labelled with their "
             "number of stays. These groups are often small: ! marks those with fewer than "
             f"{MIN_STAYS} stays or {MIN_CLASS} positives, whose value (even 1.00) is unreliable; "
             "grey n/a = undefined (only one class in the group)."

@@ -194,3 +194,20 @@ def test_cli_from_a_checkpoint(trained, tmp_path, monkeypatch, capsys):
     assert per.filter(like="shapley_").notna().all().all()
     summary = pd.read_csv(out / "tables" / "modality_summary.csv")
     assert set(summary["method"]) == {"shapley", "ablation"}
+
+
+def test_report_renders_in_chromium(trained, tmp_path, monkeypatch):
+    """The attribution report in a real browser: images load, nothing overflows, captions."""
+    from ..browser import check_report, find_browser
+
+    find_browser()  # skip (with the reason) where no Chromium is installed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    out = tmp_path / "attr"
+    attribute_pipeline.attribute(run_id=trained["run_id"], out=out, quiet=True)
+
+    html = (out / "report.html").read_text()
+    assert "<h2>Routing</h2>" in html and "How to read" in html
+    assert "positives: unreliable" in html and "Warning" in html  # a 9-stay toy test split
+    checks = check_report(out / "report.html", tmp_path / "screenshots")
+    for r in checks.values():
+        assert r["images"] >= 4 and r["uncaptioned"] == 0
