@@ -20,7 +20,7 @@ import pandas as pd
 from clinical_moe.attribution import plots
 from clinical_moe.evaluation.report import SMALL_N_RULE, small_n_note
 
-_CSS = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}
+_CSS = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:0.5em 0}td,th{border:1px solid #ccc;
 padding:2px 6px;text-align:right}th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}
 .note{color:#555;font-size:13px;max-width:950px}img{max-width:100%;height:auto}
