@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import subprocess
@@ -109,7 +110,8 @@ def ensure_cache(cfg: Config, info: D.DistInfo, quiet: bool) -> Path:
     cache = Path(cfg.data.cache_dir)
     if info.is_main:
         try:
-            from clinical_moe.data import cache as cache_module
+            # import_module consults sys.modules (an attribute import could bypass a failed one)
+            cache_module = importlib.import_module("clinical_moe.data.cache")
         except ImportError as err:
             raise RuntimeError(
                 f"no preprocessed cache at {cache} and the cache builder is unavailable ({err}); "
