@@ -4,7 +4,8 @@ Run from anywhere: ``python notebooks/_make_notebooks.py``. Editing the cells he
 regenerating keeps the notebooks reviewable as plain Python. Both notebooks read:
 
 - ``CLINICAL_MOE_NB_SMALL=1``: a small corpus and short training (the tests use it; < 2 min);
-  otherwise the 2,000-patient demo sizes;
+  otherwise the medium setting (1,500 patients, 64-96 px radiographs; the committed outputs,
+  written by ``python notebooks/_execute.py``);
 - ``CLINICAL_MOE_NB_DIR``: where corpus, cache, checkpoints and reports go (default
   ``runs/notebooks``);
 - ``MLFLOW_TRACKING_URI``: the MLflow store (default ``sqlite:///<work dir>/mlflow.db``).
@@ -46,8 +47,8 @@ if SMALL:
     torch.set_num_threads(1)  # small runs: one thread avoids oversubscribing shared CPUs
 
 SIZES = dict(
-    n_patients=300 if SMALL else 2000,
-    image_size=(64, 96) if SMALL else (128, 256),  # radiograph side range in the corpus (px)
+    n_patients=300 if SMALL else 1500,
+    image_size=(64, 96),  # radiograph side range in the corpus (px)
     cache_overrides=(["data.image_size=32", "data.ecg_samples=250", "data.workers=1"] if SMALL
                      else ["data.image_size=64", "data.ecg_samples=1250", "data.workers=2"]),
     train_overrides=(["train.epochs=2", "train.max_steps_per_epoch=8"] if SMALL
@@ -67,8 +68,8 @@ SMALL_NOTE = (
     "300 patients and two short epochs leave a test split of a few dozen stays and a model that "
     "has barely learned: AUROCs near chance (0.5) with CIs spanning most of [0, 1], natural "
     "modality combinations with n = 0-3 stays (n/a or a lucky 1.00), and every row of the reports "
-    "marked \"unreliable\". Without the variable the notebook uses the 2,000-patient demo sizes, "
-    "where the heads learn and the comparisons carry information."
+    "marked \"unreliable\". Without the variable the notebook uses the 1,500-patient medium "
+    "setting (the committed outputs), where the heads learn and the comparisons carry information."
 )
 
 DATA = '''\
@@ -113,7 +114,8 @@ def quickstart() -> nbformat.NotebookNode:
         new_markdown_cell(
             "# Quickstart: synthetic corpus -> cache -> training -> evaluation\n\n"
             "Everything runs on a CPU. Set `CLINICAL_MOE_NB_SMALL=1` for a small, fast run "
-            "(what the tests do); without it the notebook uses the 2,000-patient demo sizes. "
+            "(what the tests do); without it the notebook uses the 1,500-patient medium setting "
+            "(the committed outputs; re-execute with `python notebooks/_execute.py`). "
             "Files go to `CLINICAL_MOE_NB_DIR` (default `runs/notebooks`), runs to the MLflow "
             "store in `MLFLOW_TRACKING_URI`."),
         new_code_cell(SETUP),

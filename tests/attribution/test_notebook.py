@@ -1,4 +1,5 @@
-"""``notebooks/03_modality_attributions.ipynb`` runs top to bottom on a small corpus."""
+"""``notebooks/03_modality_attributions.ipynb`` runs top to bottom on a small corpus (its committed
+outputs are checked by ``tests/evaluation/test_notebooks.py``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "03_modality_attributions.ipynb"
-
-
-def test_notebook_is_stored_without_outputs():
-    import nbformat
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
 @pytest.mark.slow
@@ -28,7 +21,10 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("CLINICAL_MOE_RUN_ID", raising=False)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(NOTEBOOK, as_version=4)  # in memory; the committed file is not written
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None  # check this run's outputs only
     NotebookClient(  # started from notebooks/, Jupyter's default working folder
         nb,
         timeout=300,
