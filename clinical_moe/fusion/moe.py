@@ -224,9 +224,10 @@ def topk_agreement(noisy: Tensor, clean: Tensor, k: int) -> Tensor:
     """Fraction of tokens whose top-k expert set under ``noisy`` equals the one under ``clean``."""
     if noisy is clean or noisy.shape[0] == 0:
         return clean.new_ones(())
-    a = noisy.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
-    b = clean.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
-    return (a == b).all(-1).float().mean()
+    with torch.no_grad():
+        a = noisy.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
+        b = clean.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
+        return (a == b).all(-1).float().mean()
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -381,7 +382,9 @@ class MoELayer(nn.Module):
             w, idx = topk_gates(noisy, k, fg)
             for name, val in router_losses(clean, noisy, std, w, idx).items():
                 parts[name].append(val)
-            parts["topk_agreement"].append(topk_agreement(noisy.detach(), clean.detach(), k))
+            # without noise (eval mode) the two selections are the same tensor: no extra top-k
+            agree = xg.new_ones(()) if std is None else topk_agreement(noisy, clean, k)
+            parts["topk_agreement"].append(agree)
             if self.routing == "disjoint":
                 idx = idx + r * E  # global index into the stacked pools
             if sel is None:

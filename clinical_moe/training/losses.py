@@ -121,8 +121,8 @@ def encoder_target_losses(
 
     A modality counts when its weight is > 0, its encoder emitted ``event_logits`` and the batch
     carries ``inputs[m]["targets"]``. Only rows where the modality is present in ``batch.present``
-    (after any train-time modality dropout, so the encoder actually ran) and only real events
-    (``event_mask``) are scored.
+    (the encoder ran there; train-time modality dropout hides modalities from the head only, so
+    these rows include dropped ones) and only real events (``event_mask``) are scored.
 
     Returns:
         ``(total, parts)``: ``sum_m w_m * L_m`` (a scalar in the graph), and ``{"<m>_target_loss":
