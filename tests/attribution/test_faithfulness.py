@@ -119,7 +119,7 @@ def test_oracle_attribution_is_faithful_and_its_reverse_is_not(corpus):
     assert defs.loc["cardiac_only", "severity_max"] == 0.5
     assert defs.loc["cardiac_only", "warning"].startswith("small n")  # 5 < 50
     notes = good["faithfulness"].set_index(["method", "metric"])["note"]
-    assert notes[("shapley", "cardiac_only_ecg_top1_abs")].startswith("small n")
+    assert "small n" in notes[("shapley", "cardiac_only_ecg_top1_abs")]
 
 
 def test_synergy_weight_is_compared_where_the_interaction_acts(corpus):
