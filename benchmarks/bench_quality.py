@@ -11,6 +11,9 @@ from the MLflow metric timestamps.
 Targets (issue 12): natural missingness: best head >= 0.99 of the ceiling, every MoE head >= 0.97;
 CXR-only and ECG-only patterns: the best head >= 0.95 of their patterns' ceilings; MCAR 0.5: every
 MoE head >= 0.95 of the MCAR-0.5 ceiling and the best MoE head's AUROC >= late fusion's.
+Faithfulness: Shapley ``single_factor_carrier_top1_abs`` >= 0.90 (against the ideal observer,
+``clinical_moe.attribution.single_factor``) and I2MoE's synergy-weight difference CI above 0;
+``python -m benchmarks.faithfulness_table`` recomputes those tables from saved attributions.
 (Issue 8's oracle targets are kept in the JSON as a second reference.)
 
 Usage::
@@ -440,6 +443,9 @@ def side_summaries(work: Path, n_patients: int, seeds: list[int]) -> dict:
                 "oracle": float(g["oracle"].mean()) if "oracle" in g else None,
             }
         out["faithfulness"] = rows
+        from benchmarks.faithfulness_table import faithfulness_targets
+
+        out["targets_faithfulness"] = faithfulness_targets(faith)
     return out
 
 
