@@ -42,6 +42,13 @@ class DataConfig:
     note_vocab: int = 5000  # tokenizer vocabulary size (fitted on the train split)
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     workers: int = 2  # preprocessing processes
+    # Issue 13: files are decoded once into a store keyed by file + decode settings, shared by
+    # every task / seed / window (default: a "decoded" folder beside cache_dir).
+    decode_store: str | None = None
+    engine: str = "pool"  # where decoding runs: pool (local processes) | ray (pip install .[ray])
+    ray_address: str | None = (
+        None  # ray.init(address=...): "auto", "ray://host:10001"; None = local
+    )
     variables_file: str | None = None  # custom variable map CSV (default: the packaged one)
     # Modality-native per-event targets (clinical_moe.data.targets): CheXpert findings per CXR,
     # machine statements + intervals per ECG, stored in the cache for encoder training.
@@ -59,6 +66,7 @@ class DataConfig:
             "cxr_label_source": ("chexpert", "negbio"),
             "chexpert_uncertain": ("ignore", "ones", "zeros"),
             "chexpert_blank": ("zero", "ignore"),
+            "engine": ("pool", "ray"),
         }
         for m, paths in self.embeddings.items():
             if m not in ("cxr", "ecg", "notes"):

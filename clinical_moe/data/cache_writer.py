@@ -32,9 +32,13 @@ class ShardWriter:
         embedding_dims: Per event modality read from precomputed embeddings, their size F:
             those modalities store ``<m>_embedding.npy`` ``(n, N, F)`` float32 instead of their
             decoded files.
+        ref_modalities: Event modalities stored as references into the decode store
+            (``<m>_ref.npy`` ``(n, N)`` of store keys, ``""`` for an empty slot) instead of their
+            decoded arrays; their events are ``(keys (n,), times (n,)[, targets])``.
     """
 
     DTYPES = {"cxr": np.uint8, "ecg": np.float16, "notes": np.int32}
+    REF_WIDTH = 128  # characters of a store key (``<id>~<bytes>~<mtime ns>``)
 
     def __init__(
         self,
@@ -47,13 +51,19 @@ class ShardWriter:
         num_static: int,
         target_widths: dict[str, int] | None = None,
         embedding_dims: dict[str, int] | None = None,
+        ref_modalities: Sequence[str] = (),
     ):
         self.path = shard_dir(cache_dir, shard)
         self.shard = shard
         self.modalities = tuple(modalities)
         self.N = num_events
         self.embedding_dims = dict(embedding_dims or {})
-        self.event_shapes = {**event_shapes, **{m: (f,) for m, f in self.embedding_dims.items()}}
+        self.refs = frozenset(ref_modalities)
+        self.event_shapes = {
+            **event_shapes,
+            **{m: (f,) for m, f in self.embedding_dims.items()},
+            **{m: () for m in self.refs},
+        }
         self.V, self.S = num_variables, num_static
         self.rows: list[dict] = []
         self.ehr: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -65,7 +75,14 @@ class ShardWriter:
         self.targets: dict[str, list[np.ndarray]] = {m: [] for m in self.target_widths}
 
     def _dtype(self, m: str):
+        if m in self.refs:
+            return np.dtype(f"<U{self.REF_WIDTH}")
         return np.float32 if m in self.embedding_dims else self.DTYPES[m]
+
+    def _array_name(self, m: str) -> str:
+        if m in self.refs:
+            return f"{m}_ref"
+        return f"{m}_embedding" if m in self.embedding_dims else EVENT_ARRAY[m]
 
     def add(self, meta: dict, ehr: dict | None = None, events: dict | None = None) -> None:
         """Add one stay.
@@ -158,7 +175,7 @@ class ShardWriter:
             )
         for m in self.events:
             shape = (0, self.N, *self.event_shapes[m])
-            name = f"{m}_embedding" if m in self.embedding_dims else EVENT_ARRAY[m]
+            name = self._array_name(m)
             save_array(
                 self.path / f"{name}.npy",
                 np.stack(self.events[m]) if n else np.zeros(shape, self._dtype(m)),

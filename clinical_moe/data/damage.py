@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from os import PathLike
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,15 @@ class DamageLog:
         self.missing: dict[str, dict[str, str | None]] = {}
         self.row_counts: dict[str, Counter] = {}
         self.empty: dict[str, str] = {}
+        # every record, in order, as JSON-able [method, args]: a store that read the tables once
+        # replays its records into later passes (issue 13), so they report the same damage
+        self.journal: list[list] = []
+
+    def replay(self, journal: list[list]) -> None:
+        """Record again (warnings included) what another ledger's :attr:`journal` holds."""
+        for name, args in journal:
+            if name in ("missing_source", "rows"):
+                getattr(self, name)(*args)
 
     def missing_source(
         self,
@@ -53,6 +64,12 @@ class DamageLog:
             detail: One line on the cause, without patient values.
             consequence: What the run loses, e.g. ``"vitals are unavailable"``.
         """
+        self.journal.append(
+            [
+                "missing_source",
+                [table, None if path is None else str(path), reason, detail, consequence],
+            ]
+        )
         self.missing.setdefault(
             table, {"file": None if path is None else str(path), "reason": reason}
         )
@@ -69,6 +86,7 @@ class DamageLog:
         """Count ``count`` damaged rows of ``table`` under ``reason`` (no-op for 0)."""
         if count <= 0:
             return
+        self.journal.append(["rows", [table, reason, int(count), path]])
         self.row_counts.setdefault(table, Counter())[reason] += int(count)
         fate = "repaired" if reason in REPAIRED_REASONS else "dropped"
         logger.warning(
@@ -140,3 +158,14 @@ def start() -> DamageLog:
 def current() -> DamageLog:
     """The ledger in use."""
     return _current
+
+
+@contextmanager
+def isolated() -> Iterator[DamageLog]:
+    """A fresh ledger for the block, the previous one restored after it (nothing merged)."""
+    global _current
+    previous, _current = _current, DamageLog()
+    try:
+        yield _current
+    finally:
+        _current = previous

@@ -152,6 +152,7 @@ def load_ehr_events(
     window_hours: float | None = 48.0,
     window_start_hours: float = 0.0,
     chunksize: int = 1_000_000,
+    trace: dict | None = None,
 ) -> EhrEvents:
     """Load, clean and window the EHR events of ``stays``, streaming the event tables in chunks.
 
@@ -165,6 +166,10 @@ def load_ehr_events(
             intime) and charttime <= outtime; None keeps the whole stay.
         window_start_hours: Start of the window (negative values reach before ICU admission).
         chunksize: Rows per chunk when streaming chartevents / labevents.
+        trace: When given (the EHR table store, :mod:`~clinical_moe.data.ehr_store`), receives
+            ``dropped_rows`` (a DataFrame of the dropped values' stay, hours, variable, reason)
+            and ``first_hours`` (per stay, the earliest raw row of a mapped itemid), so that the
+            same counts and the observation rule can be computed later for any shorter window.
 
     Returns:
         :class:`EhrEvents`. If chartevents (or labevents) is absent, damaged, empty or
@@ -191,7 +196,7 @@ def load_ehr_events(
             )
             continue
         cols = ["stay_id", "itemid", "hours", "value", "valuenum"]
-        source_parts, source_seen = [], set()
+        source_parts, source_seen, source_first, source_dropped = [], set(), [], []
         try:
             for chunk in _windowed_chunks(
                 mimic_iv_root,
@@ -204,15 +209,21 @@ def load_ehr_events(
                 chunksize,
             ):
                 source_seen.update(chunk["stay_id"].unique().tolist())
-                source_parts.append(
-                    _numeric_events(clean_events(chunk[cols], measured, dropped), index_of)
+                if trace is not None:
+                    source_first.append(chunk.groupby("stay_id")["hours"].min())
+                cleaned = clean_events(
+                    chunk[cols], measured, dropped, source_dropped if trace is not None else None
                 )
+                source_parts.append(_numeric_events(cleaned, index_of))
         except TableError as err:  # an optional table: damaged = absent, for every stay alike
             missing.append(source)
             damage.current().missing_source(SOURCES[source], err.path, err.reason, err.detail, lost)
-            continue
+            source_parts, source_seen, source_first = [], set(), []  # (dropped counts stay)
         parts += source_parts
         seen |= source_seen
+        if trace is not None:
+            trace.setdefault("first", []).extend(source_first)
+            trace.setdefault("dropped", []).extend(source_dropped)
     # Numbers only from here on (32 bytes a row): per-row strings made this table several
     # times its size, and the copies below multiplied that (the 50k-patient memory peak).
     events = pd.concat(parts, ignore_index=True) if parts else _numeric_events(None, index_of)

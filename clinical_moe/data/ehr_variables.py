@@ -165,7 +165,10 @@ def _to_numbers(raw: pd.DataFrame) -> np.ndarray:
 
 
 def clean_events(
-    chunk: pd.DataFrame, var_map: pd.DataFrame, dropped: dict[str, dict[str, int]]
+    chunk: pd.DataFrame,
+    var_map: pd.DataFrame,
+    dropped: dict[str, dict[str, int]],
+    dropped_rows: list[pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Map itemids to variables, parse, convert and range-check one chunk of raw events.
 
@@ -173,6 +176,8 @@ def clean_events(
         chunk: Raw rows with ``stay_id``, ``itemid``, ``hours``, ``value`` (text), ``valuenum``.
         var_map: Measured rows of the variable map (:func:`load_variables`).
         dropped: Updated in place: per variable, counts of ``unparseable`` / ``out_of_range``.
+        dropped_rows: When given, receives ``stay_id, hours, variable, reason`` of the dropped
+            rows (the EHR table store counts them again for any window).
 
     Returns:
         ``stay_id, hours, variable, kind, value`` for the rows kept, ``value`` in ``to_unit``.
@@ -190,6 +195,19 @@ def clean_events(
         for var, n in df.loc[bad, "variable"].value_counts().items():
             counts = dropped.setdefault(str(var), {"unparseable": 0, "out_of_range": 0})
             counts[reason] += int(n)
+    if dropped_rows is not None:
+        for reason, bad in (("unparseable", unparseable), ("out_of_range", out_of_range)):
+            if bad.any():
+                dropped_rows.append(
+                    pd.DataFrame(
+                        {
+                            "stay_id": df["stay_id"].to_numpy(dtype="int64")[bad],
+                            "hours": df["hours"].to_numpy(dtype="float64")[bad],
+                            "variable": df["variable"].astype(str).to_numpy()[bad],
+                            "reason": reason,
+                        }
+                    )
+                )
     keep = ~(unparseable | out_of_range)
     return pd.DataFrame(
         {

@@ -20,7 +20,7 @@ from pathlib import Path
 from clinical_moe.config import Config
 
 #: Data settings that decide where or how fast the cache is written, not what it holds.
-NOT_CONTENT = ("cache_dir", "workers", "engine")
+NOT_CONTENT = ("cache_dir", "workers", "engine", "decode_store", "ray_address")
 #: Newer data settings left out of the inputs while at their default (keeps old hashes valid).
 NEW_DEFAULTS = {"embeddings": ({}, None)}
 #: Files of a Hugging Face tokenizer directory whose bytes define its vocabulary.

@@ -16,6 +16,7 @@ import pandas as pd
 
 from clinical_moe.config import Config
 from clinical_moe.data import damage
+from clinical_moe.data.table_io import quiet_tables
 from clinical_moe.data.tables import read_optional
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _release(root: Path, modality: str) -> Path | None:
 def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     """Build the cohort and collect each stay's EHR arrays, files and note tokens."""
     from clinical_moe.data.cohort import OBSERVATION_TASKS, build_cohort, exclude_unobserved
-    from clinical_moe.data.ehr import load_ehr_events, static_features, time_series
+    from clinical_moe.data.ehr import static_features, time_series
     from clinical_moe.data.ehr_variables import SOURCES
 
     d = cfg.data
@@ -154,10 +155,17 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         check_observations=not one_pass,
     )
     events = None
-    if "ehr" in modalities:
-        events = load_ehr_events(
-            mimic_iv, cohort, variables=d.variables_file, window_hours=d.window_hours
-        )
+    if "ehr" in modalities:  # issue 13: the tables are read once per release, not per task
+        from clinical_moe.data.decode_store import store_root
+        from clinical_moe.data.ehr_store import build_ehr_store, ehr_store_dir, windowed_events
+
+        with quiet_tables(quiet):
+            ehr_store = build_ehr_store(
+                mimic_iv,
+                ehr_store_dir(store_root(d), mimic_iv, d.variables_file),
+                d.variables_file,
+            )
+        events = windowed_events(ehr_store, cohort, d.window_hours, d.variables_file)
     if one_pass:
         no_tables = len(events.missing_sources) == len(SOURCES)
         observed = None if no_tables else events.window_stays

@@ -15,7 +15,12 @@ A cache directory holds::
                                             decoded array when read from data.embeddings
         <m>_targets.npy (n, N, K_m) float32 modality-native targets of cxr / ecg events, NaN =
                                             unknown (names, kinds, stats in summary.json)
+        <m>_ref.npy (n, N) str              cxr / ecg built by the two-stage pipeline (issue 13):
+                                            keys of the decoded files in the decode store, in place
+                                            of cxr_image / ecg_signal ("" = empty slot)
         meta.parquet  the shard's manifest rows       DONE  marker: the shard is complete
+    decode_store.json        the decode-store folders the ``_ref`` arrays point into (relative to
+                             the cache when possible; :mod:`clinical_moe.data.decode_store`)
 
 Arrays are memory-mapped on read, so a dataset of any size opens instantly and reads lazily.
 """
@@ -50,6 +55,18 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def read_pointer(cache_dir: str | Path) -> dict[str, Path]:
+    """``decode_store.json`` of a cache: modality -> store folder (relative path first)."""
+    pointer = Path(cache_dir) / "decode_store.json"
+    if not pointer.is_file():
+        return {}
+    out = {}
+    for m, where in json.loads(pointer.read_text()).items():
+        rel = Path(cache_dir) / where["relative"]
+        out[m] = rel if rel.is_dir() else Path(where["absolute"])
+    return out
 
 
 class Shard:
@@ -106,6 +123,36 @@ class CacheStore:
         return {m: list(v) for m, v in self.summary.get("targets", {}).items()}
 
     @cached_property
+    def decoded_dirs(self) -> dict[str, Path]:
+        """Modality -> the decode-store folder its ``_ref`` arrays point into (may be empty)."""
+        return read_pointer(self.cache_dir)
+
+    def _decoded(self, modality: str, keys: np.ndarray) -> np.ndarray:
+        """The decoded arrays of one stay's ``keys`` (N,) (zeros in empty slots)."""
+        from clinical_moe.data.decode_store import load_entry
+
+        folder = self.decoded_dirs.get(modality)
+        if folder is None:
+            raise FileNotFoundError(
+                f"{self.cache_dir} refers to decoded {modality} files but has no decode_store.json"
+            )
+        arrays = [load_entry(folder, str(k)) if k else None for k in keys]
+        shape = next((a.shape for a in arrays if a is not None), None)
+        if shape is None:  # no event: the shape of an empty slot from the cache's settings
+            inputs = self.summary.get("fingerprint_inputs") or {}
+            shape = (
+                (inputs.get("image_size", 64),) * 2
+                if modality == "cxr"
+                else (12, inputs.get("ecg_samples", 1250))
+            )
+        dtype = np.uint8 if modality == "cxr" else np.float16
+        out = np.zeros((len(keys), *shape), dtype)
+        for i, a in enumerate(arrays):
+            if a is not None:
+                out[i] = a
+        return out
+
+    @cached_property
     def embedded(self) -> frozenset[str]:
         """Modalities stored as precomputed embeddings (``read`` gives ``embedding`` (N, F))."""
         return frozenset(self.summary.get("embeddings", {}))
@@ -157,7 +204,11 @@ class CacheStore:
         if modality in self.embedded:
             out["embedding"] = np.array(s.array(f"{modality}_embedding")[row], np.float32)
             return out  # (N, F)
-        data = np.asarray(s.array(EVENT_ARRAY[modality])[row])
+        refs = s.array(f"{modality}_ref") if modality in ("cxr", "ecg") else None
+        if refs is not None:  # two-stage cache: read the decoded files from the store
+            data = self._decoded(modality, np.asarray(refs[row]))
+        else:
+            data = np.asarray(s.array(EVENT_ARRAY[modality])[row])
         if modality == "cxr":
             out["image"] = (data.astype(np.float32) / 255.0)[:, None]  # (N, 1, H, W)
         elif modality == "ecg":

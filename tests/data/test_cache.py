@@ -13,7 +13,6 @@ import pytest
 from clinical_moe.config import load_config
 from clinical_moe.data.cache import build_cache
 from clinical_moe.data.dataset import CachedDataset, Collator
-from clinical_moe.data.store import shard_dir
 
 pytestmark = pytest.mark.xdist_group("synth_cache")
 
@@ -42,11 +41,18 @@ def _cfg(root: Path, cache: Path, **data):
 
 
 def _digest(cache: Path) -> str:
-    """Hash of every array and the manifest (not the timing-bearing summary)."""
+    """Hash of every array a stay reads (decoded files included) and of the manifest."""
+    from clinical_moe.data.store import CacheStore
+
+    store = CacheStore(cache)
     h = hashlib.sha256()
     for f in sorted(cache.rglob("*.npy")):
         h.update(f.relative_to(cache).as_posix().encode())
         h.update(np.load(f).tobytes())
+    for shard, row in zip(store.manifest["shard"], store.manifest["row"]):
+        for m in ("ehr", "cxr", "ecg", "notes"):
+            for name, a in sorted(store.read(m, int(shard), int(row)).items()):
+                h.update(name.encode() + np.ascontiguousarray(a).tobytes())
     h.update(pd.read_parquet(cache / "manifest.parquet").to_csv().encode())
     return h.hexdigest()
 
@@ -120,19 +126,42 @@ def test_corrupt_files_are_counted_skips_and_the_stays_stay(corpus, tmp_path):
     assert not manifest["has_cxr"].any()
 
 
-def test_interrupted_build_resumes_only_missing_shards(corpus, clean_cache, tmp_path):
+def test_interrupted_decode_resumes_only_missing_files(corpus, clean_cache, tmp_path):
+    """Issue 13: the unit of resume is the decoded file; entries already there are kept."""
+    store = tmp_path / "decoded"
+    shutil.copytree(clean_cache.parent / "decoded", store)
+    entries = sorted(p for p in store.rglob("*~*.npy"))
+    gone, kept = entries[::3], entries[1::3]
+    for f in gone:
+        f.unlink()  # as if the run had stopped before decoding them
+    before = {f: f.stat().st_mtime_ns for f in kept}
     cache = tmp_path / "cache"
-    shutil.copytree(clean_cache, cache)
-    redo = shard_dir(cache, 1)
-    (redo / "DONE").unlink()
-    for f in redo.glob("*.npy"):
-        f.unlink()
-    untouched = shard_dir(cache, 0) / "DONE"
-    before = untouched.stat().st_mtime_ns
     build_cache(_cfg(corpus, cache), resume=True, quiet=True, shard_size=16)
-    assert (redo / "DONE").exists()
-    assert untouched.stat().st_mtime_ns == before  # finished shards are not redone
+    assert all(f.is_file() for f in gone)
+    assert {f: f.stat().st_mtime_ns for f in kept} == before  # not decoded again
     assert _digest(cache) == _digest(clean_cache)
+
+
+def test_a_decode_store_entry_of_a_replaced_file_is_not_used(corpus, tmp_path):
+    """A file rewritten in place (same id) gets a new key: decoded again, never served stale."""
+    import json
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    cache = tmp_path / "cache"
+    cfg = _cfg(root, cache, modalities=["ehr", "cxr"])
+    build_cache(cfg, quiet=True, shard_size=16)
+
+    def refs() -> set[str]:
+        return {str(k) for f in cache.rglob("cxr_ref.npy") for k in np.load(f).ravel() if k}
+
+    old_key = sorted(refs())[0]
+    dcm = next((root / "mimic-cxr" / "files").rglob(f"{old_key.split('~')[0]}.dcm"))
+    dcm.write_bytes(dcm.read_bytes()[:400])  # replaced in place: now unreadable
+    build_cache(cfg, resume=False, quiet=True, shard_size=16)
+    skipped = json.loads((cache / "summary.json").read_text())["skipped_files"]["files"]
+    assert str(dcm) in {s["path"] for s in skipped}  # decoded again, and counted as a skip
+    assert old_key not in refs()
 
 
 def test_a_finished_cache_is_not_planned_again(corpus, clean_cache, tmp_path, monkeypatch):

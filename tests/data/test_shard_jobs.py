@@ -1,5 +1,6 @@
-"""Issue 13: ``preprocess --shard I/N`` decodes a deterministic 1/N of the shards; ``--finalize``
-assembles once all are done (naming the missing ones before), giving the single-process cache."""
+"""Issue 13: ``preprocess --shard I/N`` decodes a deterministic 1/N of the files into the decode
+store; ``--finalize`` assembles once all are there (naming what is missing before), giving the
+single-process cache byte for byte."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from clinical_moe.config import load_config
 
 pytestmark = pytest.mark.xdist_group("synth_shards")
 
+SETTINGS = ["data.workers=1", "data.image_size=16", "data.ecg_samples=100", "data.note_max_len=16"]
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
@@ -21,24 +24,22 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(corpus: Path, cache: Path):
-    return load_config(
-        {},
-        [
-            f"data.root={corpus}",
-            f"data.cache_dir={cache}",
-            "data.workers=1",
-            "data.image_size=16",
-            "data.ecg_samples=100",
-            "data.note_max_len=16",
-        ],
-    )
+def _cfg(corpus: Path, cache: Path, store: Path):
+    overrides = [f"data.root={corpus}", f"data.cache_dir={cache}", f"data.decode_store={store}"]
+    return load_config({}, overrides + SETTINGS)
 
 
-def _files(cache: Path) -> dict[str, bytes]:
+def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes), less the names in ``skip``."""
     return {
-        str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
     }
+
+
+def _entries(store: Path) -> set[str]:
+    return {p.name for p in store.rglob("*~*") if p.is_file()}
 
 
 def test_shard_jobs_then_finalize_equal_one_build(corpus, tmp_path):
@@ -46,40 +47,32 @@ def test_shard_jobs_then_finalize_equal_one_build(corpus, tmp_path):
     from pipelines import preprocess
 
     one = tmp_path / "one"
-    build_cache(_cfg(corpus, one), quiet=True, shard_size=8)
-    split = tmp_path / "split"
-    cfg = _cfg(corpus, split)
-    with pytest.raises(ValueError, match="no shard job has run"):
+    build_cache(_cfg(corpus, one, tmp_path / "store_one"), quiet=True)
+    all_entries = _entries(tmp_path / "store_one")
+    split, store = tmp_path / "split", tmp_path / "store_split"
+    cfg = _cfg(corpus, split, store)
+    with pytest.raises(ValueError, match=rf"{len(all_entries)} files are not decoded yet"):
         build_cache(cfg, quiet=True, finalize=True)
-    build_cache(cfg, quiet=True, shard_size=8, part=(1, 3))
+    build_cache(cfg, quiet=True, part=(1, 3))
     assert not (split / "manifest.parquet").exists()
-    done = sorted(p.parent.name for p in split.glob("shards/*/DONE"))
-    n = len(list(one.glob("shards/*/DONE")))
-    assert n >= 3 and done == [f"{k:05d}" for k in range(n) if k % 3 == 1]
-    with pytest.raises(ValueError, match=rf"{n - len(done)} of {n} shards are not done \(00000"):
+    job1 = _entries(store)
+    assert 0 < len(job1) < len(all_entries) / 2 and job1 <= all_entries
+    with pytest.raises(ValueError, match=rf"{len(all_entries) - len(job1)} files are not decoded"):
         build_cache(cfg, quiet=True, finalize=True)
-    for i in (0, 2):
-        build_cache(cfg, quiet=True, shard_size=8, part=(i, 3))
+    build_cache(cfg, quiet=True, part=(0, 3))
+    job01 = _entries(store)
+    build_cache(cfg, quiet=True, part=(2, 3))
+    assert _entries(store) == all_entries and job1 <= job01  # disjoint parts that cover all
     # through the CLI, as a job array's last step would
-    assert (
-        preprocess.main(
-            [
-                "--quiet",
-                f"data.root={corpus}",
-                f"data.cache_dir={split}",
-                "data.workers=1",
-                "data.image_size=16",
-                "data.ecg_samples=100",
-                "data.note_max_len=16",
-                "--finalize",
-            ]
-        )
-        == 0
-    )
-    a, b = _files(one), _files(split)
+    argv = ["--quiet", f"data.root={corpus}", f"data.cache_dir={split}", *SETTINGS]
+    assert preprocess.main([*argv, f"data.decode_store={store}", "--finalize"]) == 0
+    a, b = files_of(one, ("decode_store.json",)), files_of(split, ("decode_store.json",))
     assert sorted(a) == sorted(b)
     differ = [name for name in a if a[name] != b[name]]
-    assert differ == [], differ  # arrays, shard manifests, manifest.parquet, summary.json
+    assert differ == [], differ  # references, shard manifests, manifest.parquet, summary.json
+    # and the decoded entries are the same bytes, whichever job wrote them
+    sa, sb = files_of(tmp_path / "store_one"), files_of(store)
+    assert sa.keys() == sb.keys() and all(sa[k] == sb[k] for k in sa if "~" in k)
 
 
 def test_shard_argument():
