@@ -1,8 +1,11 @@
 """``clinical-moe preprocess --config CONFIG [key=value ...]``: raw files -> the model-ready cache.
 
-Reads the corpus at ``data.root`` (MIMIC layout, real or synthetic), writes arrays and a manifest to
-``data.cache_dir``, and prints the summary: stays per split, modalities present, and every file
-skipped with its reason. Re-running resumes an interrupted pass.
+Reads the corpus at ``data.root`` (MIMIC layout, real or synthetic), decodes each image and ECG once
+into the decode store (``data.decode_store``, shared by every task, seed and window), writes the
+task's arrays and manifest to ``data.cache_dir``, and prints the summary: stays per split,
+modalities present, and every file skipped with its reason. Re-running resumes: files already in
+the store are never decoded again. ``--engine ray`` decodes on a Ray cluster; ``--shard I/N`` jobs
+and one ``--finalize`` split the decoding over a job array.
 
 A damaged required table (patients, admissions, icustays) stops the pass with one line naming the
 file; a damaged, empty or header-only optional table is treated as absent (printed as a missing
@@ -38,13 +41,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--shard",
         type=shard_part,
         metavar="I/N",
-        help="decode only job I of N (0-based; shards k with k %% N == I), e.g. in a job array; "
-        "then run --finalize once",
+        help="decode only job I of N (0-based; files k with k %% N == I of the sorted file list) "
+        "into the decode store, e.g. in a job array; then run --finalize once",
     )
     p.add_argument(
         "--finalize",
         action="store_true",
-        help="assemble the manifest once every --shard job is done (names the missing shards)",
+        help="assemble the cache once every --shard job is done (names the files still missing)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("pool", "ray"),
+        help="where files are decoded: pool (local processes, default) or ray (a Ray cluster: "
+        "data.ray_address; pip install 'clinical-moe[ray]'); same as data.engine",
     )
     p.set_defaults(func=run)
     return p
@@ -64,7 +73,10 @@ def shard_part(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     from clinical_moe.data.cache import build_cache
 
-    cfg = load_config(args.config, args.overrides)  # every config check, before any work
+    overrides = list(args.overrides)
+    if getattr(args, "engine", None):
+        overrides.append(f"data.engine={args.engine}")
+    cfg = load_config(args.config, overrides)  # every config check, before any work
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -75,12 +87,22 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     part, finalize = getattr(args, "shard", None), getattr(args, "finalize", False)
     cache = build_cache(cfg, resume=args.resume, quiet=quiet, part=part, finalize=finalize)
+    from clinical_moe.data.cache import last_decode
+    from clinical_moe.data.decode_store import store_root
+
+    decoded = (
+        f"decoded {last_decode.get('decoded', 0)} of {last_decode.get('planned', 0)} files "
+        f"into {store_root(cfg.data)}"
+    )
     if part is not None:  # issue 13: one job of several; --finalize assembles
-        print(f"shard job {part[0]}/{part[1]} done in {time.perf_counter() - t0:.1f} s: {cache}")
+        elapsed = time.perf_counter() - t0
+        print(f"decode job {part[0]}/{part[1]} done in {elapsed:.1f} s: {decoded}")
         return 0
     summary = json.loads((cache / "summary.json").read_text())
     elapsed = time.perf_counter() - t0
     print(f"cache: {cache}  ({summary['num_stays']} stays in {elapsed:.1f} s)")
+    if last_decode:
+        print(f"  {decoded} (the rest were there already)")
     print(f"  splits: {summary['split_counts']}")
     print(f"  present: {summary['present_counts']}")
     skipped = summary["skipped_files"]
