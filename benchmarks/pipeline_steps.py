@@ -54,8 +54,16 @@ def _preprocess_here(root: str, cache: str, workers: int, config: str) -> dict:
     from clinical_moe.config import load_config
     from clinical_moe.data.cache import build_cache
 
+    store = Path(f"{cache}.decoded")  # its own, emptied: the whole pass, decoding included
+    shutil.rmtree(store, ignore_errors=True)
     cfg = load_config(
-        config, [f"data.root={root}", f"data.cache_dir={cache}", f"data.workers={workers}"]
+        config,
+        [
+            f"data.root={root}",
+            f"data.cache_dir={cache}",
+            f"data.decode_store={store}",
+            f"data.workers={workers}",
+        ],
     )
     original, timing = plan_mod.plan_stays, {}
 
@@ -160,6 +168,7 @@ def ensure_corpus(
 def preprocess(root: Path, cache: Path, workers: int, config: str, in_process: bool) -> dict:
     """Build a fresh cache of ``root`` at ``cache``; rates per second of the whole pass."""
     shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(f"{cache}.decoded", ignore_errors=True)
     params = {"root": str(root), "cache": str(cache), "workers": workers, "config": config}
     r = _run("preprocess", params, in_process)
     s = r["seconds"]
@@ -169,6 +178,7 @@ def preprocess(root: Path, cache: Path, workers: int, config: str, in_process: b
         dicoms_per_s=_per_s(r["dicoms"], s),
         ecgs_per_s=_per_s(r["ecgs"], s),
         cache_mb=disk_mb(cache),
+        decode_store_mb=disk_mb(Path(f"{cache}.decoded")),
     )
     if r.get("plan_seconds") is not None:
         r["plan_seconds"] = round(r["plan_seconds"], 2)

@@ -316,3 +316,25 @@ def test_bench_shapes_quick(tmp_path):
         assert r["reference_s"] and isinstance(r["meets_memory"], bool)
     assert positive(report["matmul_gflops_max"])
     assert set(report["targets"]) >= {"all_speed", "all_memory", "all_flop_fraction"}
+
+
+def test_bench_stages_small(tmp_path):
+    """Issue 13's benchmark on 60 patients: every step runs, the identity checks hold."""
+    pytest.importorskip(
+        "ray", reason='needs the optional dependency: pip install "clinical-moe[ray]"'
+    )
+    from benchmarks import bench_stages
+    from clinical_moe.data.synthetic import generate_corpus
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, n_patients=60, seed=2, workers=1, image_size=(32, 48), quiet=True)
+    out = tmp_path / "stages.json"
+    bench_stages.main(
+        ["--corpus", str(corpus), "--work", str(tmp_path / "w"), "--rounds", "1", "--out", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert report["full"]["decode"]["decoded"] > 0 and report["new_task"]["decode"]["decoded"] == 0
+    assert report["new_task_identical_to_scratch"] and report["shards_identical_to_full"]
+    assert report["engines"][0]["stores_identical"]
+    assert positive(report["new_task_over_full"]) and positive(report["ray_over_pool_median"])
+    assert not (tmp_path / "w" / "stages").exists()  # scratch removed unless --keep
