@@ -115,6 +115,9 @@ class TrainConfig:
     # drawn like evaluation's MCAR masks -- so the "modality absent" paths (missing embeddings,
     # Flex-MoE bank rows without EHR, ...) are trained. 0 trains on natural missingness only.
     modality_dropout: float = 0.3
+    # Share of training samples shown exactly one of their modalities (uniformly chosen), so the
+    # single-modality paths (CXR-only, ECG-only) are trained as often as evaluation tests them.
+    single_modality_rate: float = 0.0
     sampler: str = "random"  # random | by_modality_count (Flex-MoE warm-up ordering)
     warmup_epochs: int = (
         0  # epochs ordered by number of observed modalities (sampler=by_modality_count)
@@ -425,6 +428,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device: {cfg.train.device!r} is not cpu, cuda or cuda:N")
     if not 0.0 <= cfg.train.modality_dropout < 1.0:
         raise ConfigError("train.modality_dropout: must be in [0, 1)")
+    if not 0.0 <= cfg.train.single_modality_rate <= 1.0:
+        raise ConfigError("train.single_modality_rate: must be in [0, 1]")
     _validate_encoder_aux(cfg)
     if abs(sum(cfg.data.split_fractions) - 1.0) > 1e-6 or len(cfg.data.split_fractions) != 3:
         raise ConfigError("data.split_fractions: three fractions (train, val, test) summing to 1")

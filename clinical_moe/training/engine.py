@@ -418,8 +418,10 @@ class Trainer:
         # Modality dropout hides modalities from the head only: the encoders still run on every
         # present modality, so their per-event target losses keep all of the data.
         shown = None
-        if t.modality_dropout > 0:
-            shown = modality_dropout(batch.present, t.modality_dropout, self.aug)
+        if t.modality_dropout > 0 or t.single_modality_rate > 0:
+            shown = modality_dropout(
+                batch.present, t.modality_dropout, self.aug, single=t.single_modality_rate
+            )
         self.net.train()
         out, tokens = self.net(batch, return_tokens=True, head_present=shown)
         loss_task = task_loss(out.logits, batch.labels, self.data.task)

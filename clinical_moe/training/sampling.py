@@ -69,19 +69,26 @@ class TrainSampler(Sampler[int]):
         return max(0, len(self.order()) - self.start)
 
 
-def modality_dropout(present: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def modality_dropout(
+    present: torch.Tensor, p: float, generator: torch.Generator, single: float = 0.0
+) -> torch.Tensor:
     """Drop each observed modality with probability ``p``, never all of a sample's modalities.
 
     Args:
         present: ``BoolTensor[B, M]``, at least one True per row.
         p: Drop probability in ``[0, 1)``.
         generator: CPU generator (its state is checkpointed, so resumed runs draw the same masks).
+        single: Share of rows shown exactly one of their modalities, chosen uniformly among the
+            present ones (the evaluation's single-modality patterns, e.g. CXR-only, which
+            independent drops at ``p`` = 0.3 rarely produce for a stay with four modalities).
+            The other rows get the independent drops. 0 (default) draws exactly what earlier
+            versions drew.
 
     Returns:
         A new ``BoolTensor[B, M]`` that is a subset of ``present`` with >= 1 True per row: when every
         observed modality of a row is drawn for dropping, the one with the highest draw is kept.
     """
-    if p <= 0:
+    if p <= 0 and single <= 0:
         return present
     u = torch.rand(present.shape, generator=generator).to(present.device)  # (B, M)
     keep = present & (u >= p)
@@ -90,4 +97,10 @@ def modality_dropout(present: torch.Tensor, p: float, generator: torch.Generator
         score = torch.where(present, u, torch.full_like(u, -1.0))  # (B, M)
         rescue = torch.zeros_like(present).scatter_(1, score.argmax(1, keepdim=True), True)
         keep = torch.where(empty.unsqueeze(1), rescue & present, keep)
+    if single > 0:
+        rows = torch.rand(present.shape[0], generator=generator).to(present.device) < single  # (B,)
+        pick = torch.rand(present.shape, generator=generator).to(present.device)  # (B, M)
+        pick = torch.where(present, pick, torch.full_like(pick, -1.0))
+        one = torch.zeros_like(present).scatter_(1, pick.argmax(1, keepdim=True), True) & present
+        keep = torch.where(rows.unsqueeze(1), one, keep)
     return keep

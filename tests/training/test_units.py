@@ -84,6 +84,25 @@ def test_modality_dropout_keeps_a_modality_and_only_drops():
     assert torch.equal(out, again)
 
 
+def test_single_modality_rows_show_one_present_modality_each_uniformly():
+    gen = torch.Generator().manual_seed(0)
+    present = torch.ones(4000, 4, dtype=torch.bool)
+    present[:2000, 3] = False  # half the rows lack the last modality
+    out = modality_dropout(present, 0.3, torch.Generator().manual_seed(2), single=0.25)
+    assert not bool((out & ~present).any()) and bool(out.any(1).all())
+    ones = out.sum(1) == 1
+    # independent drops at 0.3 give one modality to 0.3^3 * 0.7 * 4 (four) / 0.3^2 * 0.7 * 3
+    # (three) of the rows, about 8% / 19%; the single rows add 25%
+    four, three = 4 * 0.7 * 0.3**3 + 0.3**4, 3 * 0.7 * 0.3**2 + 0.3**3  # (all dropped: one kept)
+    expected = 0.25 + 0.75 * (0.5 * four + 0.5 * three)
+    assert abs(float(ones.float().mean()) - expected) < 0.03
+    chosen = out[ones & ~present[:, 3]].float().mean(0)  # among 3 present: uniform, never the 4th
+    assert float(chosen[3]) == 0.0 and float((chosen[:3] - 1 / 3).abs().max()) < 0.05
+    base = modality_dropout(present, 0.3, torch.Generator().manual_seed(2))
+    assert float((base.sum(1) == 1).float().mean()) < expected - 0.15  # the option changes it
+    assert torch.equal(modality_dropout(present, 0.0, gen, single=0.0), present)
+
+
 @pytest.mark.parametrize("kind", ["random", "by_modality_count"])
 def test_sampler_resume_skips_exactly_the_seen_batches(kind):
     present = np.random.default_rng(0).random((50, 3)) < 0.6
