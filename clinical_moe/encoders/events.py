@@ -93,9 +93,22 @@ class EventTargetHead(nn.Module):
         return scatter_events(self.linear(pooled), event_mask)  # (B, N, K); 0 at padded slots
 
 
-def pooled_feature(fmap: torch.Tensor) -> torch.Tensor:
-    """Global average of a feature map ``(n, C, *spatial)`` -> ``(n, C)`` (vectors pass through)."""
-    return fmap if fmap.dim() == 2 else fmap.flatten(2).mean(-1)
+POOLS = ("avg", "avgmax")
+
+
+def pooled_feature(fmap: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+    """Global pooling of a feature map ``(n, C, *spatial)`` -> ``(n, C)`` or ``(n, 2C)``.
+
+    ``avg`` is the global average; ``avgmax`` concatenates the global maximum to it, so that a
+    small, local finding (a 1-pixel line of a support device on a 64-pixel radiograph) is not
+    diluted by the whole image's area. Vectors pass through.
+    """
+    if fmap.dim() == 2:
+        return fmap
+    flat = fmap.flatten(2)  # (n, C, S)
+    if pool == "avgmax":
+        return torch.cat([flat.mean(-1), flat.amax(-1)], dim=1)  # (n, 2C)
+    return flat.mean(-1)  # (n, C)
 
 
 def grid_shape(num_cells: int) -> tuple[int, int]:
@@ -123,6 +136,8 @@ class EventMapEncoder(ModalityEncoder):
         vector_features: The backbone gives one vector ``(n, C)`` per event, not a map (e.g.
             precomputed embeddings); cell tokens are then a learned expansion ``C -> T x D``.
         num_targets: K per-event target logits from the pooled backbone feature (0: none).
+        pool: ``"avg"`` (average pooling of the map, to cells and globally) or ``"avgmax"``
+            (average and maximum concatenated, 2C features: keeps small local findings).
     """
 
     input_key = "image"
@@ -139,10 +154,16 @@ class EventMapEncoder(ModalityEncoder):
         time_embed_dim: int,
         vector_features: bool = False,
         num_targets: int = 0,
+        pool: str = "avg",
     ) -> None:
         super().__init__(d_model, num_tokens)
         if num_targets < 0:
             raise ValueError(f"num_targets must be >= 0, got {num_targets}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+        self.pool_mode = "avg" if vector_features else pool
+        if self.pool_mode == "avgmax":
+            feature_dim = 2 * feature_dim  # (average, maximum) of each channel
         self.num_targets = int(num_targets)
         self.target_head = EventTargetHead(feature_dim, num_targets) if num_targets else None
         modes = (*self.cell_modes, "event")
@@ -160,18 +181,51 @@ class EventMapEncoder(ModalityEncoder):
             self.cell_pos = nn.Parameter(torch.randn(num_tokens, d_model) * 0.02)
             self.pool = EventPool(d_model, time_embed_dim, window_hours)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Load weights written with average pooling into an ``avgmax`` encoder as ``avg``.
+
+        Checkpoints and pretrained files written before ``avgmax`` existed have C-wide
+        projections; the encoder switches to ``avg`` (rebuilding those layers) so they load and
+        behave exactly as they were trained.
+        """
+        if self.pool_mode == "avgmax":
+            for name in ("cell_proj.weight", "event_proj.0.weight", "target_head.linear.weight"):
+                w = state_dict.get(prefix + name)
+                module = self.get_submodule(name.rsplit(".", 1)[0]) if w is not None else None
+                if module is not None and w.shape[1] * 2 == module.in_features:
+                    self._set_pool("avg", int(w.shape[1]))
+                    break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _set_pool(self, pool: str, feature_dim: int) -> None:
+        """Rebuild the layers that read pooled features for ``pool`` and ``feature_dim`` inputs."""
+        self.pool_mode = pool
+        if self.target_head is not None:
+            self.target_head = EventTargetHead(feature_dim, self.num_targets)
+        if self.token_mode == "event":
+            d = self.event_proj[0].out_features
+            self.event_proj = nn.Sequential(nn.Linear(feature_dim, d), nn.LayerNorm(d))
+        else:
+            self.cell_proj = nn.Linear(feature_dim, self.cell_proj.out_features)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         """Backbone on real events ``x (n, ...)`` -> ``(n, C, *spatial)`` (or ``(n, C)``)."""
         raise NotImplementedError
 
     def cells(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Feature map ``(n, C, *spatial)`` -> ``(n, T, C)`` by adaptive average pooling."""
+        """Feature map ``(n, C, *spatial)`` -> ``(n, T, C)`` (``(n, T, 2C)`` with ``avgmax``)."""
         n, C = fmap.shape[:2]
+        F = nn.functional
         if fmap.dim() == 4:
-            cells = nn.functional.adaptive_avg_pool2d(fmap, grid_shape(self.num_tokens))
+            grid = grid_shape(self.num_tokens)
+            cells = F.adaptive_avg_pool2d(fmap, grid)
+            if self.pool_mode == "avgmax":
+                cells = torch.cat([cells, F.adaptive_max_pool2d(fmap, grid)], dim=1)
         else:
-            cells = nn.functional.adaptive_avg_pool1d(fmap, self.num_tokens)
-        return cells.reshape(n, C, self.num_tokens).transpose(1, 2)  # (n, T, C)
+            cells = F.adaptive_avg_pool1d(fmap, self.num_tokens)
+            if self.pool_mode == "avgmax":
+                cells = torch.cat([cells, F.adaptive_max_pool1d(fmap, self.num_tokens)], dim=1)
+        return cells.reshape(n, -1, self.num_tokens).transpose(1, 2)  # (n, T, C or 2C)
 
     def event_target_logits(self, inputs: ModalityInputs) -> torch.Tensor:
         """Only the per-event target logits ``(B, N, K)``: backbone + target head, no tokens.
@@ -182,7 +236,7 @@ class EventMapEncoder(ModalityEncoder):
             raise ValueError(f"{type(self).__name__} was built without targets (num_targets=0)")
         event_mask = inputs["event_mask"].bool()
         fmap = self.features(real_events(inputs[self.input_key], event_mask))  # (n, C, ...)
-        return self.target_head(pooled_feature(fmap), event_mask)  # (B, N, K)
+        return self.target_head(pooled_feature(fmap, self.pool_mode), event_mask)  # (B, N, K)
 
     def forward(self, inputs: ModalityInputs) -> ModalityTokens:
         key = self.input_key
@@ -197,9 +251,9 @@ class EventMapEncoder(ModalityEncoder):
         fmap = self.features(real_events(x, event_mask))  # (n, C, *spatial) or (n, C)
         event_logits = None
         if self.target_head is not None:
-            event_logits = self.target_head(pooled_feature(fmap), event_mask)  # (B, N, K)
+            event_logits = self.target_head(pooled_feature(fmap, self.pool_mode), event_mask)
         if self.token_mode == "event":
-            emb = pooled_feature(fmap)  # (n, C)
+            emb = pooled_feature(fmap, self.pool_mode)  # (n, C) or (n, 2C)
             events = scatter_events(self.event_proj(emb), event_mask)  # (B, N, D)
             tokens, token_times = self.mtand(events, times, event_mask)  # (B, T, D), (B, T)
         else:

@@ -122,3 +122,39 @@ def test_modality_tokens_rejects_bad_event_logits():
 
     with pytest.raises(ValueError, match="event_logits"):
         ModalityTokens(torch.zeros(2, 3, 4), torch.ones(2, 3), event_logits=torch.zeros(3, 1, 2))
+
+
+def test_avgmax_pooling_keeps_a_local_finding_that_averaging_dilutes():
+    """``pool="avgmax"``: the global max of each channel beside its mean, 2C features."""
+    import torch
+
+    from clinical_moe.encoders.cxr import CXREncoder
+    from clinical_moe.encoders.events import pooled_feature
+
+    fmap = torch.zeros(2, 3, 8, 8)
+    fmap[1, 0, 4, 4] = 6.4  # one bright cell of 64 (a thin line after the backbone)
+    avg, both = pooled_feature(fmap), pooled_feature(fmap, "avgmax")
+    assert avg.shape == (2, 3) and both.shape == (2, 6)
+    assert torch.equal(both[:, :3], avg)
+    assert float(avg[1, 0] - avg[0, 0]) == pytest.approx(0.1)  # diluted 64x by the mean
+    assert float(both[1, 3] - both[0, 3]) == pytest.approx(6.4)  # kept whole by the max
+    gen = torch.Generator().manual_seed(0)
+    for mode in ("spatial", "event"):
+        enc = CXREncoder(d_model=8, num_tokens=4, pool="avgmax", token_mode=mode, num_targets=2)
+        x = enc.random_inputs(3, gen)
+        out = enc(x)
+        assert out.tokens.shape == (3, 4, 8) and out.event_logits.shape == (3, 2, 2)
+        assert enc.target_head.linear.in_features == 2 * 32  # (8, 16, 32): C = 32, doubled
+    with pytest.raises(ValueError, match="unknown pool"):
+        CXREncoder(pool="median")
+    # weights written with average pooling (before avgmax existed) load into a default encoder,
+    # which then computes exactly what the average-pooling encoder computes
+    for mode in ("spatial", "event"):
+        old = CXREncoder(d_model=8, num_tokens=4, pool="avg", token_mode=mode, num_targets=2)
+        new = CXREncoder(d_model=8, num_tokens=4, token_mode=mode, num_targets=2)
+        assert new.pool_mode == "avgmax"
+        new.load_state_dict(old.state_dict())
+        assert new.pool_mode == "avg"
+        x = old.random_inputs(3, gen)
+        a, b = old.eval()(x), new.eval()(x)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.event_logits, b.event_logits)
