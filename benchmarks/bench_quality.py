@@ -99,6 +99,34 @@ def seed_table(work: Path, n_patients: int, seed: int, kind: str = "quality") ->
     return work / f"{kind}-n{n_patients}-s{seed}.csv"
 
 
+def _pretrained_matches(path: Path, cfg, modality: str) -> bool:
+    """A pretrained file exists and its backbone and target head are those ``cfg`` builds now.
+
+    An encoder option that changed since the file was written (e.g. the CXR pooling) makes the
+    benchmark pretrain again rather than reuse weights of another architecture.
+    """
+    import torch
+
+    from clinical_moe.model import build_encoders
+
+    if not path.is_file():
+        return False
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    options = dict(saved.get("encoder_options") or {})  # what the file was pretrained with
+    spec = dict(cfg.model.encoders.get(modality) or {})  # what the run builds now ...
+    spec.update({k: options[k] for k in ("d_model", "num_targets") if k in options})  # + sizes
+    for key in ("pretrained", "freeze"):
+        spec.pop(key, None)
+    d_model = spec.pop("d_model", cfg.model.d_model)
+    try:
+        enc = build_encoders([modality], d_model, cfg.model.num_tokens, {modality: spec})[modality]
+    except (TypeError, ValueError):
+        return False
+    state = saved.get("state_dict", saved)
+    own = {k: v for k, v in enc.state_dict().items() if enc.is_backbone(k) or "target_head" in k}
+    return all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in own.items())
+
+
 def pretrained_encoders(args, seed: int, head_cfg_path: Path, base: list[str], work: Path):
     """Pretrain the CXR and ECG encoders once for the seed; the overrides that load them frozen.
 
@@ -109,9 +137,9 @@ def pretrained_encoders(args, seed: int, head_cfg_path: Path, base: list[str], w
     from clinical_moe.training.pretrain import pretrain_encoders
 
     out = work / f"pretrained-n{args.n_patients}-s{seed}"
-    mods = [m for m in ("cxr", "ecg") if not (out / f"{m}.pt").is_file()]
+    cfg = load_config(head_cfg_path, [*base, f"tracking.run_name=pretrain-s{seed}"])
+    mods = [m for m in ("cxr", "ecg") if not _pretrained_matches(out / f"{m}.pt", cfg, m)]
     if mods:
-        cfg = load_config(head_cfg_path, [*base, f"tracking.run_name=pretrain-s{seed}"])
         pretrain_encoders(cfg, mods, out, quiet=True)
     overrides = []
     for m in ("cxr", "ecg"):

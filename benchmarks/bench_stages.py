@@ -102,10 +102,10 @@ def _decode_only(cfg) -> dict:
     ]
     startup = 0.0
     if cfg.data.engine == "ray":
-        import ray
+        from clinical_moe.data.decode_engine import start_ray
 
         t = time.perf_counter()
-        ray.init(num_cpus=cfg.data.workers, include_dashboard=False, log_to_driver=False)
+        ray = start_ray(cfg.data.workers)
         ray.get([ray.remote(lambda: 1).remote() for _ in range(cfg.data.workers)])  # warm workers
         startup = time.perf_counter() - t
     t0 = time.perf_counter()

@@ -120,6 +120,8 @@ class ModalityEncoder(nn.Module):
             for key in ("state_dict", "model"):
                 if key in state and isinstance(state[key], dict):
                     state = state[key]
+        if hasattr(self, "adapt_pool"):  # event encoders: weights pretrained with other pooling
+            self.adapt_pool(state)
         own = self.state_dict()
         if not any(k in own for k in state):
             raise ValueError(f"{path}: no parameter name matches {type(self).__name__}")

@@ -182,20 +182,27 @@ class EventMapEncoder(ModalityEncoder):
             self.pool = EventPool(d_model, time_embed_dim, window_hours)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Load weights written with average pooling into an ``avgmax`` encoder as ``avg``.
+        self.adapt_pool(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def adapt_pool(self, state_dict, prefix: str = "") -> None:
+        """Take the pooling that weights in ``state_dict`` were written with.
 
         Checkpoints and pretrained files written before ``avgmax`` existed have C-wide
-        projections; the encoder switches to ``avg`` (rebuilding those layers) so they load and
-        behave exactly as they were trained.
+        projections; an ``avgmax`` encoder switches to ``avg`` (rebuilding those layers) so that
+        they load and behave exactly as they were trained.
         """
-        if self.pool_mode == "avgmax":
-            for name in ("cell_proj.weight", "event_proj.0.weight", "target_head.linear.weight"):
-                w = state_dict.get(prefix + name)
+        if self.pool_mode != "avgmax":
+            return
+        for name in ("cell_proj.weight", "event_proj.0.weight", "target_head.linear.weight"):
+            w = state_dict.get(prefix + name)
+            try:
                 module = self.get_submodule(name.rsplit(".", 1)[0]) if w is not None else None
-                if module is not None and w.shape[1] * 2 == module.in_features:
-                    self._set_pool("avg", int(w.shape[1]))
-                    break
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            except AttributeError:
+                module = None
+            if module is not None and w.shape[1] * 2 == module.in_features:
+                self._set_pool("avg", int(w.shape[1]))
+                return
 
     def _set_pool(self, pool: str, feature_dim: int) -> None:
         """Rebuild the layers that read pooled features for ``pool`` and ``feature_dim`` inputs."""
