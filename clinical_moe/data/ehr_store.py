@@ -1,10 +1,12 @@
-"""The EHR table store: chartevents and labevents read once, for every stay and the whole stay.
+"""The EHR table store: chartevents and labevents read once, for every stay, per window.
 
 Streaming and parsing ``chartevents`` (430 million rows in MIMIC-IV) is most of the table phase,
-and what it yields does not depend on the task, seed or window: the cleaned events of each ICU
-stay, in hours since intime. The store keeps them for every stay of ``icustays`` over the whole
-stay, beside the decoded files (``<decode_store>/ehr-<digest>/``), so a new task, seed or window
-selects rows instead of reading the tables again::
+and what it yields does not depend on the task or seed: the cleaned events of each ICU stay in its
+window, in hours since intime. The store keeps them for every stay of ``icustays`` (not one
+task's cohort) beside the decoded files (``<decode_store>/ehr-<digest>/``), so a new task or seed
+selects rows instead of reading the tables again. Its horizon is the run's ``data.window_hours``
+(the tasks' shared 48 h by default): a store over whole stays held 3.5x the rows of a 48 h pass
+and its peak memory grew with them, so another window builds its own store::
 
     events.parquet       stay_id, hours, var_idx, value: cleaned, repeated values averaged, the
                          GCS total derived, sorted by stay_id, hours, var_idx
@@ -15,9 +17,9 @@ selects rows instead of reading the tables again::
 
 Every step of :func:`~clinical_moe.data.ehr.load_ehr_events` is local to one (stay, hour), so
 selecting ``hours < window`` from the store gives exactly, bit for bit, what reading the tables
-for that window gives. ``<digest>`` covers the variable map, the size and modification time of
-``icustays``, ``chartevents`` and ``labevents``, and :data:`EHR_STORE_VERSION`: a changed table
-makes a new store, never a stale one. The store is written under a temporary name and renamed
+for that window gives. ``<digest>`` covers the horizon, the variable map, the size and
+modification time of ``icustays``, ``chartevents`` and ``labevents``, and
+:data:`EHR_STORE_VERSION`: a changed table makes a new store, never a stale one. The store is written under a temporary name and renamed
 into place, so concurrent builders (shard jobs) cannot leave half of one.
 """
 
@@ -44,10 +46,12 @@ EHR_STORE_VERSION = 1
 _TABLES = ("icu/icustays", "icu/chartevents", "hosp/labevents")
 
 
-def ehr_store_dir(store_root: str | Path, mimic_iv: str | Path, variables_file=None) -> Path:
-    """``<store_root>/ehr-<digest>`` for these tables and this variable map."""
+def ehr_store_dir(
+    store_root: str | Path, mimic_iv: str | Path, variables_file=None, horizon_hours=None
+) -> Path:
+    """``<store_root>/ehr-<digest>`` for these tables, this variable map and horizon."""
     var_map = load_variables(variables_file)
-    h = sha256(f"ehr-store-v{EHR_STORE_VERSION}".encode())
+    h = sha256(f"ehr-store-v{EHR_STORE_VERSION}:horizon={horizon_hours}".encode())
     h.update(var_map.to_csv(index=False).encode())
     for name in _TABLES:
         path = find_table(mimic_iv, name, required=False)
@@ -71,8 +75,17 @@ def _all_stays(mimic_iv: Path) -> pd.DataFrame:
     return stays[["subject_id", "stay_id", "intime", "outtime"]].reset_index(drop=True)
 
 
-def build_ehr_store(mimic_iv: str | Path, dest: str | Path, variables_file=None) -> Path:
-    """Read the event tables once for every stay into ``dest`` (kept as it is when present)."""
+def build_ehr_store(
+    mimic_iv: str | Path, dest: str | Path, variables_file=None, horizon_hours=None
+) -> Path:
+    """Read the event tables once for every stay into ``dest`` (kept as it is when present).
+
+    Args:
+        mimic_iv: The MIMIC-IV root.
+        dest: The store folder (:func:`ehr_store_dir`).
+        variables_file: The variable map (default the packaged one).
+        horizon_hours: Keep events in ``[0, horizon)`` hours since intime; None: whole stays.
+    """
     dest = Path(dest)
     if (dest / "meta.json").is_file():
         return dest
@@ -82,7 +95,7 @@ def build_ehr_store(mimic_iv: str | Path, dest: str | Path, variables_file=None)
     trace: dict = {}
     with damage.isolated() as log:
         stays = _all_stays(mimic_iv)
-        events = load_ehr_events(mimic_iv, stays, var_map, window_hours=None, trace=trace)
+        events = load_ehr_events(mimic_iv, stays, var_map, horizon_hours, trace=trace)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
     events.events[["stay_id", "hours", "var_idx", "value"]].to_parquet(
@@ -104,6 +117,7 @@ def build_ehr_store(mimic_iv: str | Path, dest: str | Path, variables_file=None)
     )
     meta = {
         "version": EHR_STORE_VERSION,
+        "horizon_hours": horizon_hours,
         "variables": list(events.variables),
         "missing_sources": list(events.missing_sources),
         "damage_journal": log.journal,

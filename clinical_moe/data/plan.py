@@ -160,11 +160,8 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         from clinical_moe.data.ehr_store import build_ehr_store, ehr_store_dir, windowed_events
 
         with quiet_tables(quiet):
-            ehr_store = build_ehr_store(
-                mimic_iv,
-                ehr_store_dir(store_root(d), mimic_iv, d.variables_file),
-                d.variables_file,
-            )
+            where = ehr_store_dir(store_root(d), mimic_iv, d.variables_file, d.window_hours)
+            ehr_store = build_ehr_store(mimic_iv, where, d.variables_file, d.window_hours)
         events = windowed_events(ehr_store, cohort, d.window_hours, d.variables_file)
     if one_pass:
         no_tables = len(events.missing_sources) == len(SOURCES)
