@@ -228,14 +228,7 @@ def load_ehr_events(
     # times its size, and the copies below multiplied that (the 50k-patient memory peak).
     events = pd.concat(parts, ignore_index=True) if parts else _numeric_events(None, index_of)
     del parts
-    events = events.groupby(["stay_id", "hours", "var_idx"], as_index=False, sort=False)[
-        "value"
-    ].mean()
-    derived = var_map[var_map["kind"] == "gcs_total"]
-    if not derived.empty:
-        total = _gcs_total_of(events, names, var_map, str(derived["variable"].iloc[0]))
-        events = pd.concat([events, _numeric_events(total, index_of)], ignore_index=True)
-    events = events.sort_values(["stay_id", "hours", "var_idx"], ignore_index=True)
+    events = _aggregate(events, names, var_map, index_of)
     events.insert(3, "variable", pd.Categorical.from_codes(events["var_idx"], categories=names))
     for var, counts in dropped.items():
         if any(counts.values()):
@@ -247,6 +240,36 @@ def load_ehr_events(
             )
     window = frozenset(int(x) for x in seen)
     return EhrEvents(events, tuple(names), dropped, tuple(missing), window)
+
+
+def _aggregate(
+    events: pd.DataFrame, names, var_map: pd.DataFrame, index_of, rows_per_part: int = 1_000_000
+) -> pd.DataFrame:
+    """Average repeats, derive the GCS total, sort: per block of stays, to bound the memory.
+
+    Every step is local to one stay, so blocks of consecutive stay ids, each sorted, concatenate
+    into exactly the table one pass over all rows gives (the groupby and pivot of one pass held
+    several copies of a whole-cohort table at once: the peak of a 50k-patient build).
+    """
+    stays = np.unique(events["stay_id"].to_numpy())
+    n_parts = max(1, min(len(stays), len(events) // rows_per_part))
+    if n_parts == 1:
+        return _aggregate_part(events, names, var_map, index_of)
+    edges = stays[np.linspace(0, len(stays), n_parts + 1).astype(int)[1:-1]]
+    block = np.searchsorted(edges, events["stay_id"].to_numpy(), side="right")  # (rows,)
+    out = [_aggregate_part(events[block == b], names, var_map, index_of) for b in range(n_parts)]
+    return pd.concat(out, ignore_index=True)
+
+
+def _aggregate_part(events: pd.DataFrame, names, var_map: pd.DataFrame, index_of) -> pd.DataFrame:
+    events = events.groupby(["stay_id", "hours", "var_idx"], as_index=False, sort=False)[
+        "value"
+    ].mean()
+    derived = var_map[var_map["kind"] == "gcs_total"]
+    if not derived.empty:
+        total = _gcs_total_of(events, names, var_map, str(derived["variable"].iloc[0]))
+        events = pd.concat([events, _numeric_events(total, index_of)], ignore_index=True)
+    return events.sort_values(["stay_id", "hours", "var_idx"], ignore_index=True)
 
 
 def _numeric_events(part: pd.DataFrame | None, index_of: dict[str, int]) -> pd.DataFrame:

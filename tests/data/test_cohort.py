@@ -221,7 +221,8 @@ def test_preprocessing_plan_applies_the_observation_rule(tmp_path, modalities):
 
     MimicFactory.default().write(tmp_path / "mimic-iv")
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "late.yaml"
-    cfg = load_config(config, [f"data.root={tmp_path}", f"data.modalities={modalities}"])
+    over = [f"data.root={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(config, [*over, f"data.modalities={modalities}"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no mimic-cxr/ here: every stay lacks the modality
         plan = plan_stays(cfg, quiet=True)

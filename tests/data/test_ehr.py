@@ -246,3 +246,32 @@ def test_normalizer_fits_train_only():
     assert "mean_" not in repr(norm)
     with pytest.raises(RuntimeError, match="not fitted"):
         EhrNormalizer().transform(test)
+
+
+def test_aggregating_in_blocks_of_stays_gives_the_one_pass_table():
+    """The bounded-memory aggregation (blocks of stays) is bit-identical to one pass."""
+    from clinical_moe.data.ehr import _aggregate, _aggregate_part
+    from clinical_moe.data.ehr_variables import load_variables, variable_names
+
+    var_map = load_variables(None)
+    names = variable_names(var_map)
+    index_of = {n: i for i, n in enumerate(names)}
+    gcs = [
+        index_of[v] for v, k in zip(var_map["variable"], var_map["kind"]) if k.startswith("gcs_")
+    ]
+    rng = np.random.default_rng(0)
+    n = 4000
+    events = pd.DataFrame(
+        {
+            "stay_id": rng.choice(np.arange(30_000, 30_060), n),
+            "hours": rng.choice(np.arange(0.0, 12.0, 0.5), n),
+            "var_idx": np.where(rng.random(n) < 0.4, rng.choice(gcs, n), rng.choice(len(names), n)),
+            "value": rng.normal(10, 3, n),
+        }
+    )
+    derived = var_map.loc[var_map["kind"] == "gcs_total", "variable"].iloc[0]
+    events = events[events["var_idx"] != index_of[derived]].reset_index(drop=True)  # raw rows
+    one = _aggregate_part(events, names, var_map, index_of)
+    blocks = _aggregate(events, names, var_map, index_of, rows_per_part=500)
+    assert len(one) > 100 and (one["var_idx"].isin(gcs)).any()
+    pd.testing.assert_frame_equal(blocks, one, check_exact=True)

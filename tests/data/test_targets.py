@@ -41,7 +41,8 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(root: Path, cache: Path | str = "unused", **data):
+def _cfg(root: Path, cache: Path | str | None = None, **data):
+    cache = root.parent / "cache" if cache is None else cache  # (its decode store beside it)
     overrides = {
         "data.root": str(root),
         "data.cache_dir": str(cache),
