@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="take a seed's table from WORK/quality-n<N>-s<seed>.csv when it is there",
     )
     p.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="evaluate (and attribute) each head's latest trained run instead of training",
+    )
+    p.add_argument(
         "--no-pretrain",
         dest="pretrain",
         action="store_false",
@@ -188,7 +193,7 @@ def one_seed(args, seed: int, heads: list[str], work: Path) -> pd.DataFrame:
     from clinical_moe.data.synthetic import generate_corpus
     from clinical_moe.training.checkpoint import CheckpointDir
     from pipelines.evaluate import evaluate
-    from pipelines.train import run_name_of, train
+    from pipelines.train import run_dirs, run_name_of, train
 
     corpus = work / f"corpus-n{args.n_patients}-s{seed}"
     cache = work / f"cache-n{args.n_patients}-s{seed}"
@@ -226,11 +231,15 @@ def one_seed(args, seed: int, heads: list[str], work: Path) -> pd.DataFrame:
         overrides = [*base, *shared, f"tracking.run_name={head}-n{args.n_patients}-s{seed}"]
         cfg = load_config(Path(args.config_dir) / f"{head}.yaml", overrides)
         t0 = time.perf_counter()
-        train(cfg, quiet=True)
-        wall = time.perf_counter() - t0
-        run_id = CheckpointDir(Path(cfg.train.checkpoint_dir) / run_name_of(cfg)).read_run()[
-            "run_id"
-        ]
+        if args.evaluate_only:  # the latest run of this config (<name>, <name>-2, ...)
+            done = run_dirs(cfg)
+            if not done:
+                raise FileNotFoundError(f"--evaluate-only: no trained run of {run_name_of(cfg)}")
+            ckpt = CheckpointDir(done[-1])
+        else:  # the folder this run wrote (a rerun gets <name>-2, ..., never the first one)
+            ckpt = CheckpointDir(train(cfg, quiet=True))
+        wall = float("nan") if args.evaluate_only else time.perf_counter() - t0
+        run_id = ckpt.read_run()["run_id"]
         runs[head] = run_id
         to_best, best_epoch = time_to_best(client, run_id)
         rows.append(
@@ -290,6 +299,8 @@ def child_argv(args, seed: int) -> list[str]:
         argv += ["--heads", *args.heads]
     if not args.pretrain:
         argv += ["--no-pretrain"]
+    if args.evaluate_only:
+        argv += ["--evaluate-only"]
     if args.attribute is not None:
         argv += ["--attribute", *args.attribute]
     return [*argv, "--", *args.overrides]  # "--": overrides are not --attribute's heads
