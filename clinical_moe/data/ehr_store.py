@@ -75,6 +75,37 @@ def _all_stays(mimic_iv: Path) -> pd.DataFrame:
     return stays[["subject_id", "stay_id", "intime", "outtime"]].reset_index(drop=True)
 
 
+def ensure_ehr_store(
+    mimic_iv: str | Path, dest: str | Path, variables_file=None, horizon_hours=None
+) -> Path:
+    """:func:`build_ehr_store` in a child process when the store is absent.
+
+    The pass over the event tables is the memory peak of a build; in a child, its memory is
+    returned when the child exits instead of staying in this process (which goes on to plan
+    and fork decode workers). The child's warnings are silenced: this process replays the
+    store's damage records (:func:`windowed_events`), so each is reported once. Errors (a
+    damaged required table) are raised here, as from a direct call.
+    """
+    dest = Path(dest)
+    if (dest / "meta.json").is_file():
+        return dest
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(_build_quietly, mimic_iv, dest, variables_file, horizon_hours).result()
+
+
+def _build_quietly(mimic_iv, dest, variables_file, horizon_hours) -> Path:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("clinical_moe.data.damage").setLevel(logging.ERROR)
+        return build_ehr_store(mimic_iv, dest, variables_file, horizon_hours)
+
+
 def build_ehr_store(
     mimic_iv: str | Path, dest: str | Path, variables_file=None, horizon_hours=None
 ) -> Path:

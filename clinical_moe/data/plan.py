@@ -157,11 +157,11 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     events = None
     if "ehr" in modalities:  # issue 13: the tables are read once per release, not per task
         from clinical_moe.data.decode_store import store_root
-        from clinical_moe.data.ehr_store import build_ehr_store, ehr_store_dir, windowed_events
+        from clinical_moe.data.ehr_store import ehr_store_dir, ensure_ehr_store, windowed_events
 
         with quiet_tables(quiet):
             where = ehr_store_dir(store_root(d), mimic_iv, d.variables_file, d.window_hours)
-            ehr_store = build_ehr_store(mimic_iv, where, d.variables_file, d.window_hours)
+            ehr_store = ensure_ehr_store(mimic_iv, where, d.variables_file, d.window_hours)
         events = windowed_events(ehr_store, cohort, d.window_hours, d.variables_file)
     if one_pass:
         no_tables = len(events.missing_sources) == len(SOURCES)
