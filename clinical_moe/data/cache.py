@@ -118,7 +118,7 @@ def build_cache(
     if part is not None:
         files = {
             m: [f for k, f in enumerate(fs) if k % part[1] == part[0]] for m, fs in files.items()
-        }  # noqa: E501
+        }
     if finalize:
         _refuse_missing(refs)
     else:

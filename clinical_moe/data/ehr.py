@@ -230,6 +230,13 @@ def load_ehr_events(
     del parts
     events = _aggregate(events, names, var_map, index_of)
     events.insert(3, "variable", pd.Categorical.from_codes(events["var_idx"], categories=names))
+    log_dropped(dropped)
+    window = frozenset(int(x) for x in seen)
+    return EhrEvents(events, tuple(names), dropped, tuple(missing), window)
+
+
+def log_dropped(dropped: dict[str, dict[str, int]]) -> None:
+    """One log line per variable that lost values to cleaning (counts only, no values)."""
     for var, counts in dropped.items():
         if any(counts.values()):
             logger.info(
@@ -238,8 +245,6 @@ def load_ehr_events(
                 counts["unparseable"],
                 counts["out_of_range"],
             )
-    window = frozenset(int(x) for x in seen)
-    return EhrEvents(events, tuple(names), dropped, tuple(missing), window)
 
 
 def _aggregate(

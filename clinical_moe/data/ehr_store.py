@@ -36,7 +36,13 @@ from pathlib import Path
 import pandas as pd
 
 from clinical_moe.data import damage
-from clinical_moe.data.ehr import EhrEvents, load_ehr_events, load_variables, variable_names
+from clinical_moe.data.ehr import (
+    EhrEvents,
+    load_ehr_events,
+    load_variables,
+    log_dropped,
+    variable_names,
+)
 from clinical_moe.data.tables import find_table
 
 logger = logging.getLogger(__name__)
@@ -191,14 +197,7 @@ def windowed_events(
     rows = rows[rows["stay_id"].isin(ids)]
     for (var, reason), n in rows.groupby(["variable", "reason"], sort=False).size().items():
         dropped.setdefault(str(var), {"unparseable": 0, "out_of_range": 0})[reason] += int(n)
-    for var, counts in dropped.items():
-        if any(counts.values()):
-            logger.info(
-                "EHR variable %r: dropped %d unparseable and %d out-of-range values",
-                var,
-                counts["unparseable"],
-                counts["out_of_range"],
-            )
+    log_dropped(dropped)
     first = pd.read_parquet(store / "first_hours.parquet", filters=filters)
     window = frozenset(int(s) for s in first.loc[first["stay_id"].isin(ids), "stay_id"])
     return EhrEvents(events, names, dropped, tuple(meta["missing_sources"]), window)
