@@ -68,7 +68,8 @@ from clinical_moe.attribution.groups import GROUP_COLUMNS, GROUP_SPECS, MIN_N, a
 from clinical_moe.attribution.observer import observer_attributions
 from clinical_moe.attribution.ranking import carrier_share, carriers_on_top, chance_top
 from clinical_moe.attribution.single_factor import single_factor_rows
-from clinical_moe.attribution.stats import N_BOOT, bootstrap_mean_ci
+from clinical_moe.attribution.stats import N_BOOT, SUMMARY_COLUMNS, bootstrap_mean_ci
+from clinical_moe.attribution.stats import summary_row as _row
 from clinical_moe.attribution.synergy import synergy_rows
 
 __all__ = ["faithfulness", "find_truth", "load_truth", "synergy_rows", "true_effects"]
@@ -76,18 +77,6 @@ __all__ = ["faithfulness", "find_truth", "load_truth", "synergy_rows", "true_eff
 FACTORS = ("severity", "cardiac", "pulmonary", "infection")
 WEIGHTS = {"strong": 1.0, "weak": 0.25}
 METHODS = ("shapley", "ig", "ablation")
-SUMMARY_COLUMNS = [
-    "method",
-    "group",
-    "metric",
-    "value",
-    "ci_low",
-    "ci_high",
-    "n_stays",
-    "chance",
-    "oracle",
-    "note",
-]
 
 
 def find_truth(cache_summary: dict) -> tuple[Path | None, str]:
@@ -163,13 +152,6 @@ def true_effects(
         out += np.divide(w * v, total, out=np.zeros_like(w), where=total > 0)
     return pd.DataFrame(
         {"stay_id": p.index, **{f"true_{m}": out[:, i] for i, m in enumerate(modalities)}}
-    )
-
-
-def _row(method, group, metric, stats, n, chance=np.nan, oracle=np.nan, note="") -> dict:
-    value, lo, hi = stats
-    return dict(
-        zip(SUMMARY_COLUMNS, (method, group, metric, value, lo, hi, n, chance, oracle, note))
     )
 
 

@@ -35,24 +35,9 @@ from clinical_moe.attribution.groups import (
 )
 from clinical_moe.attribution.ranking import carrier_share, carriers_on_top
 from clinical_moe.attribution.stats import N_BOOT, bootstrap_mean_ci
+from clinical_moe.attribution.stats import summary_row as _row
 
 TARGET = 0.90
-
-
-def _row(method, group, metric, stats, n, chance, oracle, note="") -> dict:
-    value, lo, hi = stats
-    return {
-        "method": method,
-        "group": group,
-        "metric": metric,
-        "value": value,
-        "ci_low": lo,
-        "ci_high": hi,
-        "n_stays": n,
-        "chance": chance,
-        "oracle": oracle,
-        "note": note,
-    }
 
 
 def _top(values: np.ndarray, has: np.ndarray) -> np.ndarray:

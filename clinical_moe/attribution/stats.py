@@ -133,3 +133,26 @@ def bootstrap_stratified_diff_ci(
         return diff / total, math.nan, math.nan
     lo, hi = np.percentile(reps / total, [50 * alpha, 100 - 50 * alpha])
     return float(diff / total), float(lo), float(hi)
+
+
+#: Columns of the faithfulness summary table (one row per method, group and metric).
+SUMMARY_COLUMNS = [
+    "method",
+    "group",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_stays",
+    "chance",
+    "oracle",
+    "note",
+]
+
+
+def summary_row(method, group, metric, stats, n, chance=np.nan, oracle=np.nan, note="") -> dict:
+    """One :data:`SUMMARY_COLUMNS` row; ``stats`` is ``(value, ci_low, ci_high)``."""
+    value, lo, hi = stats
+    return dict(
+        zip(SUMMARY_COLUMNS, (method, group, metric, value, lo, hi, n, chance, oracle, note))
+    )

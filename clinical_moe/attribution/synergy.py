@@ -31,23 +31,12 @@ from clinical_moe.attribution.stats import (
     bootstrap_diff_ci,
     bootstrap_mean_ci,
     bootstrap_stratified_diff_ci,
+    summary_row,
 )
 
 
 def _row(group, metric, stats, n, chance=np.nan, note="") -> dict:
-    value, lo, hi = stats
-    return {
-        "method": "i2moe",
-        "group": group,
-        "metric": metric,
-        "value": value,
-        "ci_low": lo,
-        "ci_high": hi,
-        "n_stays": n,
-        "chance": chance,
-        "oracle": np.nan,
-        "note": note,
-    }
+    return summary_row("i2moe", group, metric, stats, n, chance, np.nan, note)
 
 
 def synergy_rows(
