@@ -338,3 +338,22 @@ def test_bench_stages_small(tmp_path):
     assert report["engines"][0]["stores_identical"]
     assert positive(report["new_task_over_full"]) and positive(report["ray_over_pool_median"])
     assert not (tmp_path / "w" / "stages").exists()  # scratch removed unless --keep
+
+
+def test_bench_note_store_small(tmp_path):
+    """The note-store benchmark on 40 patients: a second pass tokenizes nothing, same ids."""
+    pytest.importorskip(
+        "transformers", reason='needs the optional dependency: pip install "clinical-moe[hf]"'
+    )
+    from benchmarks import bench_note_store
+    from clinical_moe.data.synthetic import generate_corpus
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, n_patients=40, seed=4, workers=1, image_size=(32, 32), quiet=True)
+    out = tmp_path / "notes.json"
+    bench_note_store.main(["--corpus", str(corpus), "--vocab", "200", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["identical_ids"] and report["notes"] > 0
+    assert report["counts"]["first"]["tokenized"] == report["notes"]
+    assert report["counts"]["again"] == {"tokenized": 0, "from_store": report["notes"]}
+    assert positive(report["again_over_direct"])

@@ -13,6 +13,7 @@ Layout (``data.decode_store``, default ``<cache_dir>/../decoded``)::
     cxr-<digest>/<ab>/<key>.npy              (H, W) uint8, one decoded DICOM / JPEG
     cxr-<digest>/<ab>/<key>.skip.json        {"reason", "path"} for a file that could not be read
     ecg-<digest>/<ab>/<key>.npy              (12, S) float16 mV, one WFDB record
+    notes-<digest>/<ab>/<key>.npy            a note's Hugging Face token ids (:mod:`~.note_store`)
     ehr-<digest>/                            the EHR table store (:mod:`~.ehr_store`)
 
 ``key`` is ``<file id>~<bytes>~<mtime ns>``: the ``dicom_id`` or ECG ``study_id`` (the file's stem)

@@ -294,11 +294,18 @@ def _plan_notes(
     else:
         tok = NoteTokenizer(max_vocab=d.note_vocab, max_len=d.note_max_len)
     tok.fit(paired.loc[is_train, "text"])
-    ids, _ = tok.transform_padded(paired["text"])  # (n_notes, L)
+    note_id = paired["note_id"].astype(str).to_numpy()
+    stored: dict[str, int] = {}
+    if hf_path:  # the model's ids depend on the note alone: tokenized once, into the store
+        from clinical_moe.data.decode_store import store_root
+        from clinical_moe.data.note_store import tokenize_with_store
+
+        ids, stored = tokenize_with_store(tok, paired["text"].tolist(), note_id, store_root(d))
+    else:  # a vocabulary fitted on this task's train split: its ids belong to this cache
+        ids, _ = tok.transform_padded(paired["text"])  # (n_notes, L)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     stay_ids = paired["stay_id"].astype(int).to_numpy()
     hours = paired["hours"].astype(float).to_numpy()
-    note_id = paired["note_id"].astype(str).to_numpy()
     by_stay: dict[int, list[str]] = {}
     for sid, sel in pd.Series(stay_ids).groupby(stay_ids).indices.items():
         out[int(sid)] = (ids[sel].astype(np.int32), hours[sel].astype(np.float32))  # (n, L), (n,)
@@ -310,5 +317,6 @@ def _plan_notes(
         "vocab_size": len(tok.vocab_),
         "train_notes": int(is_train.sum()),
         "tokenizer": f"hf:{tok.identity_}" if hf_path else "word-level",
+        **({"store": stored} if stored else {}),
     }
     return out, summary, by_stay

@@ -155,3 +155,40 @@ def test_missing_folder_and_bad_pad_id(tmp_path):
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="pads with id 3"):
         HFNoteTokenizer(path)
+
+
+def test_notes_tokenized_once_into_the_decode_store(corpus, hf_dir, tmp_path):
+    """A second task reads the model's ids from the store; a note whose text changed is redone."""
+    from clinical_moe.data.cache import build_cache
+    from clinical_moe.data.decode_store import entry_path, settings_dir
+    from clinical_moe.data.hf_tokenizer import HFNoteTokenizer
+    from clinical_moe.data.note_store import note_key, note_settings
+    from clinical_moe.data.store import CacheStore
+
+    store = tmp_path / "decoded"
+    first = _cfg(corpus, tmp_path / "a", hf_dir, f"data.decode_store={store}")
+    build_cache(first, quiet=True)
+    counts = CacheStore(tmp_path / "a").summary["notes"]["store"]
+    assert counts["tokenized"] > 0 and counts["from_store"] == 0
+
+    second = _cfg(corpus, tmp_path / "b", hf_dir, f"data.decode_store={store}", "seed=5")
+    build_cache(second, quiet=True)
+    again = CacheStore(tmp_path / "b").summary["notes"]
+    assert again["store"]["tokenized"] == 0
+    assert again["store"]["from_store"] == counts["tokenized"]
+
+    # the stored ids are the tokenizer's own; a changed text is a new key (never served stale)
+    tok = HFNoteTokenizer(hf_dir, max_len=24)
+    folder = settings_dir(store, note_settings(tok.identity_, 24))
+    entries = sorted(folder.glob("*/*.npy"))
+    assert len(entries) == counts["tokenized"]
+    note_id = entries[0].stem.split("~")[0]
+    from clinical_moe.data.notes import load_notes
+
+    notes = load_notes(corpus / "mimic-iv-note")
+    text = notes.loc[notes["note_id"].astype(str) == note_id, "text"].iloc[0]
+    stored = np.load(entry_path(folder, note_key(note_id, text)))
+    assert (stored == tok.transform_padded([text])[0][0]).all()
+    assert note_key(note_id, text + " addendum") != note_key(note_id, text)
+    # another max length is another folder, so ids of one length never reach the other
+    assert settings_dir(store, note_settings(tok.identity_, 32)) != folder
