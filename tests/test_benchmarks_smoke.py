@@ -357,3 +357,12 @@ def test_bench_note_store_small(tmp_path):
     assert report["counts"]["first"]["tokenized"] == report["notes"]
     assert report["counts"]["again"] == {"tokenized": 0, "from_store": report["notes"]}
     assert positive(report["again_over_direct"])
+
+
+def test_bench_demo_load_reads_the_demo_timings():
+    """The demo-load benchmark takes its per-step times from the demo's own ``timings:`` line."""
+    from benchmarks.bench_demo_load import _timings
+
+    out = "cache: x\ntimings:            synth_s 21, preprocess_s 10, train_late_s 23\nbrowse"
+    assert _timings(out) == {"synth_s": 21.0, "preprocess_s": 10.0, "train_late_s": 23.0}
+    assert _timings("no such line") == {}
