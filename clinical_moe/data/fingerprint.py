@@ -7,7 +7,9 @@ differs, e.g. ``data.task: ihm48 -> los7``). The inputs are stored beside the ha
 named; caches written before they were stored still compare by hash.
 
 The hash of a config that uses none of the newer options (embeddings, a Hugging Face tokenizer,
-the decode engine) is the one earlier versions computed, so existing caches stay valid.
+the decode engine) is the one earlier versions computed, except that the size and modification
+time of the source tables now count (:func:`source_tables`): a cache written before they did is
+rebuilt once by ``train``, which says so ("source tables: not recorded").
 """
 
 from __future__ import annotations
@@ -69,12 +71,44 @@ def tokenizer_identity(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+#: Endings of the table files whose size and modification time enter the fingerprint.
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet")
+#: Folders of ``data.root`` besides the releases whose tables a cache holds (the synthetic truth).
+EXTRA_TABLE_DIRS = ("truth",)
+
+
+def source_tables(root: str | Path, modalities) -> dict[str, list[int]]:
+    """``{path under root: [bytes, mtime ns]}`` of every table the releases of ``modalities`` hold.
+
+    Tables sit at most two folders deep in every release (``mimic-iv/hosp/*.csv.gz``,
+    ``mimic-cxr/*.csv.gz``, ``mimic-iv-note/note/*.csv.gz``), so only those two levels are
+    listed: images and waveforms (hundreds of thousands of files) are never walked. A replaced,
+    regenerated or updated release at the same path changes these and makes the cache stale.
+    """
+    from clinical_moe.data.plan import RELEASES
+
+    root = Path(root)
+    dirs = [RELEASES[m] for m in modalities if m in RELEASES] + list(EXTRA_TABLE_DIRS)
+    out: dict[str, list[int]] = {}
+    for name in dirs:
+        base = root / name
+        if not base.is_dir():
+            continue
+        for pattern in ("*", "*/*"):
+            for path in base.glob(pattern):
+                if path.name.endswith(TABLE_SUFFIXES) and path.is_file():
+                    st = path.stat()
+                    out[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return dict(sorted(out.items()))
+
+
 def fingerprint_inputs(cfg: Config) -> dict:
     """Everything that decides the cache content, as a flat JSON-able dict.
 
     The data section (less :data:`NOT_CONTENT`), the seed (it decides the split), the native
-    targets' format version, the notes tokenizer when it is a Hugging Face model's own, and the
-    size / modification time of each ``data.embeddings`` file.
+    targets' format version, the notes tokenizer when it is a Hugging Face model's own, the
+    size / modification time of each ``data.embeddings`` file, and those of the source tables
+    (:func:`source_tables`).
     """
     from clinical_moe.data.targets import TARGETS_VERSION
 
@@ -97,6 +131,9 @@ def fingerprint_inputs(cfg: Config) -> dict:
     hf = hf_notes_path(cfg)
     if hf is not None:
         d["notes_tokenizer"] = f"hf:{tokenizer_identity(hf)}"
+    tables = source_tables(cfg.data.root, cfg.data.modalities)
+    if tables:  # (a root with no tables yet keeps the hash earlier versions wrote)
+        d["source_tables"] = tables
     return d
 
 
@@ -132,9 +169,24 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _tables_differ(old: dict | None, new: dict) -> str:
+    """``"source tables changed: mimic-iv/hosp/admissions.csv.gz (+2 more)"``."""
+    if old is None:
+        return "source tables: not recorded (a cache from an earlier version)"
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    first = changed[0]
+    what = "new" if first not in old else "gone" if first not in new else "changed"
+    more = f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""
+    return f"source tables changed: {first} {what}{more}"
+
+
 def describe(old: dict, new: dict) -> str:
     """``"data.task: ihm48 -> los7, seed: 0 -> 1"``: the settings that differ, cache -> run."""
     parts = []
+    if old.get("source_tables") != new.get("source_tables"):
+        parts.append(_tables_differ(old.get("source_tables"), new.get("source_tables") or {}))
+    old = {k: v for k, v in old.items() if k != "source_tables"}
+    new = {k: v for k, v in new.items() if k != "source_tables"}
     for key in sorted(set(old) | set(new)):
         unset = "word-level" if key == "notes_tokenizer" else "<unset>"
         a, b = old.get(key, unset), new.get(key, unset)

@@ -109,3 +109,46 @@ def test_unfingerprinted_and_absent_caches(tmp_path):
     write_toy_cache(tmp_path / "toy", n_stays=20)
     check_cache(cfg)  # no fingerprint: cannot be checked, taken as it is
     assert ensure_cache(cfg) == tmp_path / "toy"
+
+
+def test_changed_source_tables_make_the_cache_stale(tmp_path):
+    """A regenerated or updated release at the same path is never served from the old cache."""
+    import os
+    import shutil
+
+    from clinical_moe.data.fingerprint import describe, source_tables
+    from clinical_moe.data.synthetic import generate_corpus
+
+    root = tmp_path / "corpus"
+    generate_corpus(root, n_patients=40, seed=6, workers=1, image_size=(32, 32), quiet=True)
+    cfg = _cfg(root, tmp_path / "cache")
+    build_cache(cfg, quiet=True)
+    tables = source_tables(root, cfg.data.modalities)
+    assert (
+        "mimic-iv/hosp/admissions.csv.gz" in tables and "mimic-cxr/cxr-record-list.csv.gz" in tables
+    )
+    assert not any(k.endswith((".dcm", ".hea", ".dat")) for k in tables)  # files never walked
+    assert stale_reason(cfg) is None
+
+    # the same bytes rewritten later (a re-downloaded release): stale, the file named
+    adm = root / "mimic-iv" / "hosp" / "admissions.csv.gz"
+    st = adm.stat()
+    os.utime(adm, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    why = stale_reason(cfg)
+    assert why == "source tables changed: mimic-iv/hosp/admissions.csv.gz changed"
+    with pytest.raises(StaleCacheError, match="admissions.csv.gz changed"):
+        check_cache(cfg)
+    # preprocess (resume) refuses to mix the two, naming the file; train's ensure_cache rebuilds
+    with pytest.raises(ValueError, match="admissions.csv.gz changed.*--no-resume"):
+        build_cache(cfg, quiet=True)
+    ensure_cache(cfg, quiet=True)
+    assert stale_reason(cfg) is None
+
+    # a table that appears (e.g. a Parquet copy beside the CSV) counts too
+    shutil.copyfile(adm, adm.with_name("extra.csv.gz"))
+    assert stale_reason(cfg).endswith("mimic-iv/hosp/extra.csv.gz new")
+    # a cache written before tables were recorded is rebuilt once, saying why
+    old = {k: v for k, v in json.loads((tmp_path / "cache" / "summary.json").read_text())[
+        "fingerprint_inputs"
+    ].items() if k != "source_tables"}  # fmt: skip
+    assert describe(old, {**old, "source_tables": tables}).startswith("source tables: not recorded")
