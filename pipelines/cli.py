@@ -23,6 +23,7 @@ PIPELINES = {
     "evaluate": "evaluate runs under simulated missingness",
     "attribute": "per-modality attribution report of a trained run",
     "configs": "list the configs shipped with the package, or copy one to edit",
+    "store": "list what the decode store holds, or prune what no build will read again",
 }
 
 #: Top-level options that take a value (skipped when looking for the subcommand name).
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     quiet_downloads()
     try:
-        if args.command != "configs":
+        if args.command not in ("configs", "store"):
             apply_threads(args.threads)
         result = args.func(args)
     except KeyboardInterrupt:

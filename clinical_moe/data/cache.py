@@ -182,11 +182,26 @@ _CACHE_FILES = (
 
 
 def _store_gone(cache_dir: Path) -> str | None:
-    """``"decode store <dir> is gone"`` when a folder the cache refers to no longer exists."""
-    from clinical_moe.data.assemble import store_dirs
+    """Why the decode-store entries the cache refers to are not all there (None when they are).
 
-    gone = [str(p) for p in store_dirs(cache_dir).values() if not p.is_dir()]
-    return f"decode store {', '.join(gone)} is gone" if gone else None
+    A folder that no longer exists is gone. A folder pruned (``clinical-moe store prune
+    --unreferenced``, which leaves ``pruned.json``) after the cache was written has each of the
+    cache's entries looked up; they are not looked up otherwise (hundreds of thousands of files).
+    """
+    from clinical_moe.data.assemble import store_dirs
+    from clinical_moe.data.store_admin import PRUNED, missing_entries_of
+
+    dirs = store_dirs(cache_dir)
+    gone = [str(p) for p in dirs.values() if not p.is_dir()]
+    if gone:
+        return f"decode store {', '.join(gone)} is gone"
+    written = (cache_dir / "summary.json").stat().st_mtime
+    pruned = [p for p in dirs.values() if (p / PRUNED).is_file()]
+    if any((p / PRUNED).stat().st_mtime >= written for p in pruned):
+        missing = missing_entries_of(cache_dir)
+        if missing:
+            return f"{missing} decoded entries it refers to were pruned from the decode store"
+    return None
 
 
 def check_cache(cfg: Config, cache_dir: str | Path | None = None) -> None:

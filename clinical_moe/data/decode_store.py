@@ -70,10 +70,15 @@ def decode_settings(modality: str, data) -> dict:
     raise ValueError(f"modality {modality!r} is not decoded into the store")
 
 
+def settings_name(settings: dict) -> str:
+    """``<modality>-<digest>``: the folder name of these settings (nothing is created)."""
+    text = json.dumps(settings, sort_keys=True)
+    return f"{settings['modality']}-{sha256(text.encode()).hexdigest()[:12]}"
+
+
 def settings_dir(root: str | Path, settings: dict) -> Path:
     """``<root>/<modality>-<digest>`` (created with its ``settings.json``)."""
-    text = json.dumps(settings, sort_keys=True)
-    path = Path(root) / f"{settings['modality']}-{sha256(text.encode()).hexdigest()[:12]}"
+    path = Path(root) / settings_name(settings)
     if not (path / "settings.json").is_file():
         path.mkdir(parents=True, exist_ok=True)
         _atomic_text(path / "settings.json", json.dumps(settings, indent=2, sort_keys=True))
