@@ -18,31 +18,17 @@ import pytest
 from clinical_moe.config import load_config
 from clinical_moe.data.cache import StaleCacheError, build_cache, check_cache, ensure_cache
 from clinical_moe.data.fingerprint import cache_fingerprint, stale_reason
+from tests.data.small import small_config, small_corpus
 
 pytestmark = pytest.mark.xdist_group("synth_fingerprint")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from clinical_moe.data.synthetic import generate_corpus
-
-    root = tmp_path_factory.mktemp("fp_corpus") / "corpus"
-    generate_corpus(root, n_patients=60, seed=5, workers=1, image_size=(32, 32), quiet=True)
-    return root
+    return small_corpus(tmp_path_factory.mktemp("fp_corpus"), n_patients=60, seed=5)
 
 
-def _cfg(root: Path, cache: Path, *extra: str):
-    overrides = [
-        f"data.root={root}",
-        f"data.cache_dir={cache}",
-        "data.workers=1",
-        "data.image_size=16",
-        "data.ecg_samples=100",
-        "data.note_max_len=16",
-        "data.note_vocab=100",
-        *extra,
-    ]
-    return load_config({}, overrides)
+_cfg = small_config
 
 
 def test_old_configs_keep_their_hash():
@@ -117,10 +103,8 @@ def test_changed_source_tables_make_the_cache_stale(tmp_path):
     import shutil
 
     from clinical_moe.data.fingerprint import describe, source_tables
-    from clinical_moe.data.synthetic import generate_corpus
 
-    root = tmp_path / "corpus"
-    generate_corpus(root, n_patients=40, seed=6, workers=1, image_size=(32, 32), quiet=True)
+    root = small_corpus(tmp_path, n_patients=40, seed=6)
     cfg = _cfg(root, tmp_path / "cache")
     build_cache(cfg, quiet=True)
     tables = source_tables(root, cfg.data.modalities)

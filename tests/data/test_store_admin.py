@@ -12,34 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clinical_moe.config import load_config
 from clinical_moe.data.cache import StaleCacheError, build_cache, check_cache, ensure_cache
 from clinical_moe.data.store import CacheStore
 from pipelines.cli import main
+from tests.data.small import small_config, small_corpus
 
 pytestmark = pytest.mark.xdist_group("synth_store_admin")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from clinical_moe.data.synthetic import generate_corpus
-
-    root = tmp_path_factory.mktemp("admin_corpus") / "corpus"
-    generate_corpus(root, n_patients=50, seed=8, workers=1, image_size=(32, 32), quiet=True)
-    return root
+    return small_corpus(tmp_path_factory.mktemp("admin_corpus"), n_patients=50, seed=8)
 
 
-def _cfg(root: Path, cache: Path, *extra: str):
-    overrides = [
-        f"data.root={root}",
-        f"data.cache_dir={cache}",
-        "data.workers=1",
-        "data.image_size=16",
-        "data.ecg_samples=100",
-        "data.note_max_len=16",
-        *extra,
-    ]
-    return load_config({}, overrides)
+_cfg = small_config
 
 
 def _read_all(cache: Path) -> int:
