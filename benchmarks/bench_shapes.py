@@ -12,10 +12,14 @@ per-modality tokens, one thread:
   process per shape, so the peaks do not mix) and its rise over the RSS after the model and
   inputs were built (``tracemalloc`` does not see torch's allocations);
 - ``train_gflop`` / ``eval_gflop``: the FLOPs the step does, counted by
-  :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls, batched matmuls, attention), and
+  :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls, batched matmuls, attention; the
+  CPU fused attention kernel and its backward, which that counter leaves out, are counted with
+  its own attention formulas: :func:`flop_counter`), and
   ``train_flop_fraction`` / ``eval_flop_fraction``: the achieved FLOP rate as a fraction of the
   dense matmul peak measured in the same process just before (``matmul_gflops``: best of a few
   square fp32 matmuls);
+- with ``--baseline-rev``, ``baseline_train_flop_fraction``: the same FLOPs over the old
+  revision's interleaved step time (the "before" figure under the same load);
 - ``reference_s``: the released code's step time at that shape (fixed figures from issue #16,
   measured on this machine when it was busy) and ``reference_over_ours`` (>= 1: ours is faster;
   low and high ends of the reference range).
@@ -155,6 +159,31 @@ def matmul_peak_gflops(n: int, reps: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def flop_counter():
+    """A ``FlopCounterMode`` that also counts CPU fused attention (forward and backward).
+
+    PyTorch's counter has formulas for the CUDA attention kernels only, so on CPU every
+    ``scaled_dot_product_attention`` that takes the fused path counted 0 FLOPs (the unfused path
+    was counted through its batched matmuls). The same formulas are applied to the CPU ops.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+
+    def raw(formula):  # the imported formulas already map tensors to shapes
+        def count(*args, out_val=None, **kwargs):
+            return formula(*args, out_val=out_val, **kwargs)
+
+        count._get_raw = True
+        return count
+
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: raw(sdpa_flop),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: raw(sdpa_backward_flop),
+    }
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def _sig(x: float, digits: int = 4) -> float:
     """``x`` to ``digits`` significant digits (tiny quick-mode figures do not round to 0)."""
     return float(f"{x:.{digits}g}")
@@ -221,7 +250,6 @@ def run_shape(
     import psutil
     import torch
     from torch.nn import functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
     import clinical_moe
     from clinical_moe.registry import HEADS
@@ -279,10 +307,10 @@ def run_shape(
             eval_t.append(t2 - t1)
     peak_rss = self_peak_rss_mb()
     opt.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         forward_backward()
     train_flop = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         eval_forward()
     eval_flop = fc.get_total_flops()
     t_train, t_eval = median(train_t), median(eval_t)
@@ -314,6 +342,7 @@ def run_shape(
             "ours_interleaved_ms_all": [round(t * 1e3, 2) for t in ours_t],
             "paired_speedup": round(median([o / n for o, n in zip(old_t, ours_t)]), 3),
         }
+        row["baseline_train_flop_fraction"] = _sig(train_flop / median(old_t) / 1e9 / peak_gflops)
     return row
 
 
