@@ -13,6 +13,11 @@ Attention uses a key mask (True = real token). Padded keys get exactly zero weig
 every key real is dropped, so the fused (memory-efficient) attention kernel is used. A row with no
 real key at all attends uniformly over its (meaningless) keys instead of producing NaN; callers
 mask such rows out of their readout.
+
+Speed (issue #16; results unchanged up to float rounding): an input expanded along the groups is
+layer-normalised once (only the affine part is per group); q, k and v are strided views of the
+projection (their gradients meet in one concatenation); the byte-mask dropout's scale is folded
+into the residual add (``Dropout.residual``) or the next matmul's ``alpha``.
 """
 
 from __future__ import annotations
@@ -47,15 +52,19 @@ class GroupedLinear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, groups: torch.Tensor | None = None, alpha: float = 1.0
+    ) -> torch.Tensor:
+        """``alpha * x @ W_g + b_g`` (``alpha`` lets a caller fold a scale of ``x`` in)."""
         w = _pick(self.weight, groups)  # (G, d_in, d_out)
         G, d_in, d_out = w.shape
         shape = x.shape
         xr = x.reshape(G, -1, d_in)  # (G, R, d_in)
         if self.bias is None:
-            y = torch.bmm(xr, w)  # (G, R, d_out)
+            y = torch.bmm(xr, w) if alpha == 1.0 else torch.bmm(xr, w) * alpha  # (G, R, d_out)
         else:
-            y = torch.baddbmm(_pick(self.bias, groups).unsqueeze(1), xr, w)  # (G, R, d_out)
+            b = _pick(self.bias, groups).unsqueeze(1)  # (G, 1, d_out)
+            y = torch.baddbmm(b, xr, w, alpha=alpha)  # (G, R, d_out)
         return y.reshape(*shape[:-1], d_out)  # (G, ..., d_out)
 
 
@@ -72,15 +81,23 @@ def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         x: Any tensor.
         p: Drop probability in [0, 1].
     """
+    masked, scale = byte_dropout_unscaled(x, p)
+    return masked if scale == 1.0 else masked * scale
+
+
+def byte_dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """:func:`byte_dropout` without the final scaling: ``(x with dropped elements zeroed,
+    scale)``, so that a caller can fold ``scale`` into its next operation (the ``alpha`` of a
+    residual add or of a matmul) instead of a separate pass over ``x``. Same random draws."""
     thr = round(p * 256)
     if thr <= 0:
-        return x
+        return x, 1.0
     if thr >= 256:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x), 1.0
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
     keep = words.view(torch.uint8)[:n].view(x.shape) >= thr  # x.shape
-    return torch.where(keep, x * (256.0 / (256 - thr)), torch.zeros((), dtype=x.dtype))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype)), 256.0 / (256 - thr)
 
 
 class Dropout(nn.Module):
@@ -94,6 +111,16 @@ class Dropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return byte_dropout(x, self.p) if self.training else x
+
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(dropped x before scaling, scale)`` (:func:`byte_dropout_unscaled`; ``(x, 1)`` in
+        eval mode)."""
+        return byte_dropout_unscaled(x, self.p) if self.training else (x, 1.0)
+
+    def residual(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``h + self(x)`` with the dropout scale folded into the add (one pass fewer)."""
+        masked, scale = self.unscaled(x)
+        return torch.add(h, masked, alpha=scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -109,14 +136,17 @@ class GroupedLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (G, ..., D)`` -> ``(G, ..., D)``; an ``x`` expanded along G (the same tokens for
+        every group, stride 0) is normalised once and only the affine transform is per group."""
         G, D = x.shape[0], x.shape[-1]
         view = (G,) + (1,) * (x.dim() - 2) + (D,)
-        y = F.layer_norm(x, (D,), eps=self.eps)
+        shared = G > 1 and x.stride(0) == 0
+        y = F.layer_norm(x[:1] if shared else x, (D,), eps=self.eps)  # (1 or G, ..., D)
         w, b = (
             _pick(self.weight, groups).view(view),
             _pick(self.bias, groups).view(view),
         )  # (G, 1.., D)
-        return y * w + b
+        return torch.addcmul(b, y, w)  # (G, ..., D)
 
 
 def safe_key_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -168,8 +198,11 @@ class GroupedSelfAttention(nn.Module):
         input), so that rows sharing tokens can reuse them; same result as :meth:`forward`."""
         G, N, T, D3 = qkv.shape
         D, H = D3 // 3, self.num_heads
-        qkv = qkv.reshape(G * N, T, 3, H, D // H)  # (G*N, T, 3, H, dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G*N, H, T, dh)
+        # q, k, v as strided views (split along the features, not permute + unbind): their
+        # gradients then meet in one concatenation instead of a stack plus a permuted copy
+        q, k, v = (
+            t.reshape(G * N, T, H, D // H).transpose(1, 2) for t in qkv.split(D, -1)
+        )  # 3 x (G*N, H, T, dh)
         attn_mask = None
         if key_mask is not None and not bool(key_mask.all()):  # all real: the unmasked kernel
             km = safe_key_mask(key_mask.expand(G, N, T)).reshape(G * N, 1, 1, T)  # (G*N, 1, 1, T)
@@ -190,7 +223,8 @@ class GroupedFFN(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.drop(F.gelu(self.fc1(x, groups))), groups)
+        masked, scale = self.drop.unscaled(F.gelu(self.fc1(x, groups)))
+        return self.fc2(masked, groups, alpha=scale)  # the dropout scale folded into fc2
 
 
 class GroupedBlock(nn.Module):
@@ -246,5 +280,5 @@ class GroupedBlock(nn.Module):
         groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` given ``qkv = self.project(x)`` (or rows / positions gathered from it)."""
-        x = x + self.drop(self.attn.attend(qkv, key_mask, groups))
-        return x + self.drop(self.ffn(self.norm2(x, groups), groups))
+        x = self.drop.residual(x, self.attn.attend(qkv, key_mask, groups))
+        return self.drop.residual(x, self.ffn(self.norm2(x, groups), groups))

@@ -45,6 +45,9 @@ Our choices (METHODS.md, "I2MoE"):
   the method. With no padded token the attention then needs no mask at all,
   which takes the fused attention kernel (no ``T x T`` probability matrix kept for backward).
   ``noise`` keeps every position (the noised tokens take part) in one batched pass.
+  Speed only (issue #16): the variants' rows are gathered with one ``index_select`` over the
+  flattened positions (tokens once, not per expert), and rows without padding are pooled with a
+  plain mean.
 - Attention-probability dropout is off by default (``attn_dropout=0``; ``dropout`` still acts on
   the FFN, both residual branches and the reweighter). On CPU any attention dropout forces the
   unfused kernel, which keeps a ``T x T`` probability matrix and dropout mask per head, expert
@@ -328,15 +331,24 @@ class I2MoE(FusionHead):
         rows, cols, mv, pos = self._variant_index(mask, seg, eff)
         G = self.num_experts
         stack = [*self.trunk, *self.blocks]
-        h = (x + self.type_embed[seg]).unsqueeze(0)  # (1, B, T, D)
-        if not self.trunk:
-            h = h.expand(G, -1, -1, -1)  # (G, B, T, D)
+        h1 = (x + self.type_embed[seg]).unsqueeze(0)  # (1, B, T, D)
+        h = h1 if self.trunk else h1.expand(G, -1, -1, -1)  # (g, B, T, D)
         first = stack[0]
         qkv = first.project(h)  # (g, B, T, 3D)
+        # the variants' rows, gathered along one flattened (B*T) axis: index_select, whose
+        # backward is an index_add (not an accumulating index_put); the tokens once, not per group
+        B, T = mask.shape
+        flat = (rows.unsqueeze(1) * T + cols).reshape(-1)  # (N'*T',)
+        Nv, Tv = cols.shape
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            g, c = t.shape[0], t.shape[-1]
+            return t.reshape(g, B * T, c).index_select(1, flat).view(g, Nv, Tv, c)
+
         outs = []
         for hh, q, km in (
             (h, qkv, mask),
-            (h[:, rows.unsqueeze(1), cols], qkv[:, rows.unsqueeze(1), cols], mv),  # (g, N', T', .)
+            (take(h1), take(qkv), mv),  # (1, N', T', D), (g, N', T', 3D)
         ):
             if km.shape[0] == 0:
                 continue
@@ -352,8 +364,11 @@ class I2MoE(FusionHead):
 
     def _readout(self, h, mv, experts=None):
         """Masked mean over positions, per-expert LayerNorm and head: ``(G, N, D)``, ``(G, N, C)``."""
-        w = mv.to(h.dtype).unsqueeze(0).unsqueeze(-1)  # (1, N, T, 1)
-        pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)  # (G, N, D)
+        if bool(mv.all()):  # no padded position: a plain mean, no (G, N, T, D) product
+            pooled = h.mean(2)  # (G, N, D)
+        else:
+            w = mv.to(h.dtype).unsqueeze(0).unsqueeze(-1)  # (1, N, T, 1)
+            pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)  # (G, N, D)
         emb = self.norm(pooled, experts)  # (G, N, D)
         return emb, self.head(emb, experts)  # (G, N, D), (G, N, C)
 

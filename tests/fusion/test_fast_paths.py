@@ -1,0 +1,104 @@
+"""The speed-only paths of the fusion pieces (issue #16) give the results of the plain ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from clinical_moe.fusion.backbone import (
+    Dropout,
+    GroupedFFN,
+    GroupedLayerNorm,
+    GroupedLinear,
+    GroupedSelfAttention,
+    byte_dropout,
+)
+from clinical_moe.fusion.i2moe import I2MoE
+
+
+def test_layer_norm_of_an_expanded_input_is_normalised_once_per_token():
+    torch.manual_seed(0)
+    ln = GroupedLayerNorm(3, 8)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(1, 5, 4, 8, requires_grad=True)
+    shared = ln(x.expand(3, -1, -1, -1))  # stride 0 along the groups
+    copied = ln(x.expand(3, -1, -1, -1).contiguous())
+    torch.testing.assert_close(shared, copied)
+    expect = F.layer_norm(x, (8,)) * ln.weight.view(3, 1, 1, 8) + ln.bias.view(3, 1, 1, 8)
+    torch.testing.assert_close(shared, expect)
+    (g1,) = torch.autograd.grad(shared.pow(2).sum(), x)
+    (g2,) = torch.autograd.grad(expect.pow(2).sum(), x)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_unscaled_dropout_folds_into_add_and_matmul(p):
+    x, h = torch.randn(4, 6, 16), torch.randn(4, 6, 16)
+    drop = Dropout(p).train()
+    torch.manual_seed(1)
+    ref = h + byte_dropout(x, p)
+    torch.manual_seed(1)
+    torch.testing.assert_close(drop.residual(h, x), ref)
+    if p > 0:  # the same random draws: some elements dropped, the rest scaled
+        assert bool((ref == h).any()) and not bool((ref == h).all())
+    lin = GroupedLinear(1, 16, 8)
+    torch.manual_seed(2)
+    ref = lin(byte_dropout(x, p).unsqueeze(0))
+    torch.manual_seed(2)
+    masked, scale = drop.unscaled(x)
+    torch.testing.assert_close(lin(masked.unsqueeze(0), alpha=scale), ref)
+    same, one = drop.eval().unscaled(x)
+    assert same is x and one == 1.0
+
+
+def test_ffn_with_folded_dropout_scale_equals_dropout_then_linear():
+    torch.manual_seed(0)
+    ffn = GroupedFFN(2, 16, 12, dropout=0.3).train()
+    x = torch.randn(2, 3, 5, 16)
+    torch.manual_seed(3)
+    got = ffn(x)
+    torch.manual_seed(3)
+    ref = ffn.fc2(byte_dropout(F.gelu(ffn.fc1(x)), 0.3))
+    torch.testing.assert_close(got, ref)
+
+
+def test_attention_split_projections_equal_explicit_heads():
+    torch.manual_seed(0)
+    att = GroupedSelfAttention(2, 16, 4).eval()
+    x = torch.randn(2, 3, 5, 16)
+    qkv = att.qkv(x)  # (G, N, T, 3D)
+    q, k, v = (t.reshape(2, 3, 5, 4, 4).transpose(2, 3) for t in qkv.chunk(3, -1))
+    p = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)  # dh = 4
+    o = (p @ v).transpose(2, 3).reshape(2, 3, 5, 16)
+    torch.testing.assert_close(att(x), att.proj(o), atol=1e-5, rtol=1e-5)
+
+
+def test_i2moe_readout_without_padding_is_the_masked_mean():
+    torch.manual_seed(0)
+    head = I2MoE(("a", "b"), 16, 1, {"a": 3, "b": 2}, dropout=0.0)
+    h = torch.randn(head.num_experts, 4, 5, 16)
+    full = torch.ones(4, 5, dtype=torch.bool)
+    emb, logits = head._readout(h, full)
+    one_padded = full.clone()
+    one_padded[0, -1] = False
+    emb_p, _ = head._readout(h, one_padded)  # the weighted path
+    torch.testing.assert_close(emb[:, 1:], emb_p[:, 1:])
+    assert not torch.allclose(emb[:, 0], emb_p[:, 0])
+    torch.testing.assert_close(emb, head.norm(h.mean(2)))
+    torch.testing.assert_close(logits, head.head(emb))
+
+
+def test_flop_counter_counts_cpu_fused_attention():
+    from benchmarks.bench_shapes import flop_counter
+
+    B, H, T, dh = 2, 2, 8, 4
+    q, k, v = (torch.randn(B, H, T, dh, requires_grad=True) for _ in range(3))
+    with flop_counter() as fc:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    forward = 4 * B * H * T * T * dh  # two (T x dh) x (dh x T)-sized products per head
+    counts = {str(op): n for op, n in fc.get_flop_counts()["Global"].items()}
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == forward
+    assert fc.get_total_flops() > 2 * forward  # the backward is counted too
