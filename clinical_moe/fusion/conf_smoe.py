@@ -58,6 +58,9 @@ Where we deliberately differ from the released code (METHODS.md, "ConfSMoE"):
   either class. The frequencies ``pi`` are a running mean (then EMA at ``momentum``) of the
   training labels in a buffer (``class_freq``), so a batch without positives still gets sane
   weights; evaluation does not use them. ``class_balance=False`` restores plain means.
+- The experts' dropout is the byte-mask dropout already used on the residual branches (drop rate
+  rounded to a multiple of 1/256; :mod:`clinical_moe.fusion.moe`, issue #16); evaluation is
+  unaffected.
 - Attention-probability dropout is off by default (``attn_dropout=0``; ``dropout`` still acts on
   residual branches and inside the experts): on CPU it forces the unfused attention kernel.
 - Auxiliary weights (``conf_weight=0.5``, ``cls_weight=0.1``, ``router_weight=0.1``; the paper
@@ -248,7 +251,7 @@ class PostImputation(nn.Module):
         if not sparse and not (self.training and self.attn_drop.p > 0):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, Tq, dh)
             o = o.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-            return self.norm_out(h + self.drop(self.out(o)))
+            return self.norm_out(self.drop.residual(h, self.out(o)))
         s = q @ k.transpose(-1, -2) * (D // H) ** -0.5  # (B, H, Tq, Tk)
         neg = torch.finfo(s.dtype).min
         if sparse:
@@ -258,7 +261,7 @@ class PostImputation(nn.Module):
             keep = keep & (s >= kth)
         p = self.attn_drop(torch.softmax(s.masked_fill(~keep, neg), -1))  # (B, H, Tq, Tk)
         o = (p @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.norm_out(h + self.drop(self.out(o)))
+        return self.norm_out(self.drop.residual(h, self.out(o)))
 
 
 @HEADS.register("conf_smoe")
@@ -526,9 +529,9 @@ class ConfSMoE(FusionHead):
         idle: list[nn.Module] = []  # stage-2 modules skipped in a training step
         for layer, moe in enumerate(self.moe):
             a = self.attn[layer](self.norm1[layer](h).unsqueeze(0)).squeeze(0)  # (B, T, D)
-            h = h + self.drop(a)
+            h = self.drop.residual(h, a)  # h + drop(a), the dropout scale folded into the add
             y, info = moe(self.norm2[layer](h))  # (B, T, D)
-            h = h + self.drop(y)
+            h = self.drop.residual(h, y)
             key = str(layer)
             if key in self.impute and any_imputed:
                 h = self._post_impute(self.impute[key], h, y, real, imputed)  # (B, T, D)

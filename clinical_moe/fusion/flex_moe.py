@@ -28,6 +28,11 @@ the encoders emit:
 - Readout: mean over each modality's tokens, concatenated, LayerNorm'd, linear -> C.
 
 The training-order sampler of the paper (most observed modalities first) lives in the data pipeline.
+Dropout on the residual branches, in the dense FFNs and in the experts is the byte-mask dropout of
+:mod:`clinical_moe.fusion.backbone` (issue #16: ``F.dropout``'s Bernoulli draws were ~10% of a
+B 64 training step): drop rate rounded to a multiple of 1/256 (0.1 -> 0.1016), another random
+stream; evaluation is unaffected. The attention-probability dropout inside
+``nn.MultiheadAttention`` is unchanged.
 Paper defaults: P 16, D 128, 16 experts, top-4, 4 heads, gate loss 0.01; defaults here are small.
 """
 
@@ -39,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clinical_moe.fusion.backbone import Dropout
 from clinical_moe.fusion.base import FusionHead, masked_mean
 from clinical_moe.fusion.moe import MoELayer, cv_squared
 from clinical_moe.registry import HEADS
@@ -170,11 +176,11 @@ class FlexMoE(FusionHead):
             MoELayer(D, num_experts, top_k, expert_hidden or 2 * D, gate=gate, noisy=noisy,
                      noise_scale=noise_scale, dropout=dropout)
             if i % 2 == 0
-            else nn.Sequential(nn.Linear(D, ffn_mult * D), nn.GELU(), nn.Dropout(dropout),
+            else nn.Sequential(nn.Linear(D, ffn_mult * D), nn.GELU(), Dropout(dropout),
                                nn.Linear(ffn_mult * D, D))
             for i in range(num_layers)
         )  # fmt: skip
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(D)
         self.out = nn.Linear(M * D, num_classes)
 
@@ -271,17 +277,18 @@ class FlexMoE(FusionHead):
         agreement: dict[str, Tensor] = {}
         for i, (ln1, attn, ln2, ffn) in enumerate(zip(self.ln1, self.attn, self.ln2, self.ffn)):
             q = ln1(h)
-            h = h + self.drop(attn(q, q, q, key_padding_mask=~keep, need_weights=False)[0])
+            a = attn(q, q, q, key_padding_mask=~keep, need_weights=False)[0]  # (B, M*P, D)
+            h = self.drop.residual(h, a)  # h + drop(a), the dropout scale folded into the add
             if isinstance(ffn, MoELayer):
                 out = ffn(ln2(h), keep, forced_expert=forced)
-                h = h + self.drop(out.y)
+                h = self.drop.residual(h, out.y)
                 for name, val in self.router_losses(out, keep, c).items():
                     parts.setdefault(name, []).append(val)
                 gates[f"layer{i}/router_probs"] = out.probs  # (B, M*P, E)
                 gates[f"layer{i}/topk"] = out.topk_idx  # (B, M*P, k)
                 agreement[f"layer{i}/topk_agreement"] = out.extras["topk_agreement"]
             else:
-                h = h + self.drop(ffn(ln2(h)))
+                h = self.drop.residual(h, ffn(ln2(h)))
         gates["token_modality"] = torch.arange(M, device=h.device).repeat_interleave(P)  # (M*P,)
         h = self.norm(h).reshape(B * M, P, D)  # (B*M, P, D)
         pooled = masked_mean(h, mask.reshape(B * M, P)).reshape(B, M * D)  # (B, M*D)

@@ -26,6 +26,9 @@ Unlike the public code, every token of every sample is routed on its own (no res
 patients), padded tokens take no part in attention, routing or readout, and the aux loss stays in
 the graph. Paper defaults (Table 8): D 128, T 48, 16 experts, top-4, 3 layers, 8 heads, dropout
 0.1; constructor defaults are small for CPU.
+
+The experts' dropout is the shared layer's byte-mask dropout (drop rate rounded to a multiple of
+1/256; :mod:`clinical_moe.fusion.moe`, issue #16); evaluation is unaffected.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ or samples (no noise, no capacity dropping).
   ``CV^2(importance) + CV^2(load)`` (Shazeer et al. 2017; smooth load estimator while noisy); the
   entropy regulariser ``mean_i H(p_i) - H(mean_i p_i)`` (FuseMoE eq. 3); router z-loss
   ``mean(logsumexp(s)^2)`` (Zoph et al. 2022).
+- Expert dropout (training only) is the byte-mask dropout of :mod:`clinical_moe.fusion.backbone`
+  (issue #16: ``F.dropout``'s per-element Bernoulli draw cost more than the expert matmuls at
+  small widths): the drop rate is ``p`` rounded to a multiple of 1/256 (0.1 -> 0.1016) and the
+  random stream differs from ``F.dropout``'s; evaluation is unchanged. Its scale is folded into
+  the second matmul.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from clinical_moe.fusion.backbone import Dropout
 
 GATES = ("softmax", "laplace", "gaussian")
 ROUTINGS = ("joint", "per_modality", "disjoint")
@@ -115,14 +122,14 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-a1, a1))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model).uniform_(-a2, a2))
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model).uniform_(-a2, a2))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # byte-mask dropout (module docstring)
         #: Padded-bmm dispatch below this mean number of assignments per expert (0 = never).
         self.padded_below = 384
 
     def expert(self, x: Tensor, e: int) -> Tensor:
         """Run expert ``e`` alone on ``x (N, D)`` (reference path for tests and analysis)."""
-        h = self.dropout(F.gelu(torch.addmm(self.b1[e], x, self.w1[e])))  # (N, H)
-        return torch.addmm(self.b2[e], h, self.w2[e])  # (N, D)
+        h, s = self.dropout.unscaled(F.gelu(torch.addmm(self.b1[e], x, self.w1[e])))  # (N, H)
+        return torch.addmm(self.b2[e], h, self.w2[e], alpha=s)  # (N, D)
 
     def _grouped(self, x: Tensor, expert_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Outputs of the ``N*k`` assignments sorted by expert, and the sort order.
@@ -141,8 +148,9 @@ class Experts(nn.Module):
             slot = sorted_e * cap + torch.arange(nk, device=x.device) - start[sorted_e]  # (N*k,)
             buf = x.new_zeros(E * cap, x.shape[1]).index_copy(0, slot, xs)
             buf = buf.view(E, cap, -1)  # (E, C, D)
-            h = self.dropout(F.gelu(torch.baddbmm(self.b1.unsqueeze(1), buf, self.w1)))  # (E, C, H)
-            y = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (E, C, D)
+            h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), buf, self.w1))  # (E, C, H)
+            h, s = self.dropout.unscaled(h)  # the dropout scale goes into the next matmul
+            y = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2, alpha=s)  # (E, C, D)
             return y.view(E * cap, -1).index_select(0, slot), order  # (N*k, D), (N*k,)
         counts = counts_t.tolist()
         # unbind once: its backward stacks the E slices, instead of E full-size zero tensors.
@@ -151,8 +159,8 @@ class Experts(nn.Module):
         for e, (chunk, n) in enumerate(zip(xs.split(counts), counts)):
             if n == 0:
                 continue
-            h = self.dropout(F.gelu(torch.addmm(b1[e], chunk, w1[e])))  # (n, H)
-            outs.append(torch.addmm(b2[e], h, w2[e]))  # (n, D)
+            h, s = self.dropout.unscaled(F.gelu(torch.addmm(b1[e], chunk, w1[e])))  # (n, H)
+            outs.append(torch.addmm(b2[e], h, w2[e], alpha=s))  # (n, D)
         return torch.cat(outs, 0), order  # (N*k, D), (N*k,)
 
     def forward(self, x: Tensor, expert_idx: Tensor) -> Tensor:
