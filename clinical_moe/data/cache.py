@@ -195,9 +195,10 @@ def _store_gone(cache_dir: Path) -> str | None:
     gone = [str(p) for p in dirs.values() if not p.is_dir()]
     if gone:
         return f"decode store {', '.join(gone)} is gone"
-    written = (cache_dir / "summary.json").stat().st_mtime
-    pruned = [p for p in dirs.values() if (p / PRUNED).is_file()]
-    if any((p / PRUNED).stat().st_mtime >= written for p in pruned):
+    summary = cache_dir / "summary.json"
+    written = summary.stat().st_mtime if summary.is_file() else 0.0
+    marks = [p / PRUNED for p in dirs.values()]
+    if any(m.is_file() and m.stat().st_mtime >= written for m in marks):
         missing = missing_entries_of(cache_dir)
         if missing:
             return f"{missing} decoded entries it refers to were pruned from the decode store"
