@@ -75,7 +75,8 @@ def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     ``128 x 128`` matmul over the same tensor. Here the random bits come as 64-bit integers, eight
     bytes per draw: element i is dropped when its byte is below ``round(256 p)``, so the drop
     rate is ``p`` rounded to a multiple of 1/256 (0.1 -> 0.1016) and kept values are scaled by
-    ``256 / (256 - round(256 p))``. Only the boolean mask is kept for backward.
+    ``256 / (256 - round(256 p))``. The mask is applied as a 0/1 float multiply (cheaper than a
+    boolean ``where`` on CPU).
 
     Args:
         x: Any tensor.
@@ -89,15 +90,30 @@ def byte_dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, floa
     """:func:`byte_dropout` without the final scaling: ``(x with dropped elements zeroed,
     scale)``, so that a caller can fold ``scale`` into its next operation (the ``alpha`` of a
     residual add or of a matmul) instead of a separate pass over ``x``. Same random draws."""
+    keep, scale = byte_keep_mask(x.shape, p, x.device, x.dtype)
+    return (x, 1.0) if keep is None else (x * keep, scale)
+
+
+def byte_keep_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor | None, float]:
+    """The random draw of :func:`byte_dropout_unscaled` on its own: ``(keep, scale)`` with
+    ``keep`` a 0/1 tensor of ``shape`` and ``dtype`` (None when ``p`` rounds to 0) and ``scale``
+    the factor for the kept values. A float mask, because multiplying by it costs a fraction of
+    a boolean ``where`` / ``masked_fill`` on CPU; it is made from the random bytes ``b`` as
+    ``clamp(b - (thr - 1), 0, 1)`` (1 exactly when ``b >= thr``), no boolean comparison."""
     thr = round(p * 256)
     if thr <= 0:
-        return x, 1.0
+        return None, 1.0
     if thr >= 256:
-        return torch.zeros_like(x), 1.0
-    n = x.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-    keep = words.view(torch.uint8)[:n].view(x.shape) >= thr  # x.shape
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype)), 256.0 / (256 - thr)
+        return torch.zeros(shape, dtype=dtype, device=device), 1.0
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    keep = words.view(torch.uint8)[:n].view(shape).to(dtype).sub_(thr - 1).clamp_(0.0, 1.0)
+    return keep, 256.0 / (256 - thr)
 
 
 class Dropout(nn.Module):
@@ -119,8 +135,10 @@ class Dropout(nn.Module):
 
     def residual(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h + self(x)`` with the dropout scale folded into the add (one pass fewer)."""
-        masked, scale = self.unscaled(x)
-        return torch.add(h, masked, alpha=scale)
+        if not self.training:
+            return h + x
+        keep, scale = byte_keep_mask(x.shape, self.p, x.device, x.dtype)
+        return h + x if keep is None else torch.addcmul(h, x, keep, value=scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -26,6 +26,11 @@ or samples (no noise, no capacity dropping).
   small widths): the drop rate is ``p`` rounded to a multiple of 1/256 (0.1 -> 0.1016) and the
   random stream differs from ``F.dropout``'s; evaluation is unchanged. Its scale is folded into
   the second matmul.
+- Grouped combine (:meth:`Experts.mix`, issue #16): with many tokens per expert, the gather of an
+  expert's tokens, its two matmuls, the gate multiply and the scatter-add into the output run expert
+  by expert on blocks that stay in cache, forward and (hand-written) backward, instead of whole
+  ``(N*k, D)`` passes for the gather, concatenation, gate product and scatter; same results to
+  float rounding, same dropout draws as the per-expert reference path.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clinical_moe.fusion.backbone import Dropout
+from clinical_moe.fusion.backbone import Dropout, byte_keep_mask
 
 GATES = ("softmax", "laplace", "gaussian")
 ROUTINGS = ("joint", "per_modality", "disjoint")
@@ -102,6 +107,63 @@ class Router(nn.Module):
         """``x (N, D)`` -> (scores used for top-k selection, clean scores), each ``(N, E)``."""
         scores, clean, _ = self.route(x)
         return scores, clean
+
+
+class _GroupedMix(torch.autograd.Function):
+    """``y = sum_j g_nj E_{e_nj}(x_n)`` expert by expert (module docstring, "Grouped combine").
+
+    Forward inputs: ``x (N, D)``; ``gate (N*k,)`` and ``src (N*k,)`` the gate weight and token of
+    each assignment, sorted by expert; the stacked expert weights; ``counts`` (python ints,
+    assignments per expert); the dropout rate (0 in eval mode).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, w1, b1, w2, b2, src, counts, p):
+        y = x.new_zeros(x.shape[0], w2.shape[2])  # (N, D)
+        saved, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = src[start : start + n]  # (n,)
+            xe = x.index_select(0, rows)  # (n, D)
+            pre = torch.addmm(b1[e], xe, w1[e])  # (n, H)
+            keep, scale = byte_keep_mask(pre.shape, p, x.device, x.dtype)  # (n, H) 0/1 or None
+            h = F.gelu(pre) if keep is None else F.gelu(pre).mul_(keep)  # (n, H)
+            out = torch.addmm(b2[e], h, w2[e], alpha=scale)  # (n, D), before the gate
+            y.index_add_(0, rows, out * gate[start : start + n, None])
+            saved.append((e, start, n, xe, pre, keep, scale, h, out))
+            start += n
+        ctx.saved = saved
+        ctx.save_for_backward(x, gate, w1, w2, src)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, gate, w1, w2, src = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx, ggate = torch.zeros_like(x), torch.empty_like(gate)
+        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        gb1, gb2 = w1.new_zeros(w1.shape[0], w1.shape[2]), w2.new_zeros(w2.shape[0], w2.shape[2])
+        for e, start, n, xe, pre, keep, scale, h, out in ctx.saved:
+            rows = src[start : start + n]  # (n,)
+            gye = gy.index_select(0, rows)  # (n, D)
+            ggate[start : start + n] = (gye * out).sum(1)
+            go = gye.mul_(gate[start : start + n, None])  # (n, D) gradient of the expert output
+            torch.mm(h.t(), go, out=gw2[e])
+            torch.sum(go, 0, out=gb2[e])
+            gh = torch.mm(go, w2[e].t())  # (n, H)
+            if keep is not None:
+                gh.mul_(keep)
+            gpre = torch.ops.aten.gelu_backward(gh, pre)  # (n, H)
+            if scale != 1.0:
+                gw2[e].mul_(scale)
+                gpre.mul_(scale)
+            torch.mm(xe.t(), gpre, out=gw1[e])
+            torch.sum(gpre, 0, out=gb1[e])
+            gx.index_add_(0, rows, torch.mm(gpre, w1[e].t()))
+        ctx.saved = None
+        return gx, ggate, gw1, gb1, gw2, gb2, None, None, None
 
 
 class Experts(nn.Module):
@@ -181,9 +243,17 @@ class Experts(nn.Module):
         N, k = expert_idx.shape
         if N == 0:
             return x.new_zeros(0, self.d_model)
-        ys, order = self._grouped(x, expert_idx)
-        w = weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*k, 1)
-        return x.new_zeros(N, self.d_model).index_add(0, order // k, ys * w)  # (N, D)
+        E, nk = self.num_experts, N * k
+        if nk < self.padded_below * E:  # few tokens per expert: maybe the padded bmm
+            ys, order = self._grouped(x, expert_idx)
+            w = weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*k, 1)
+            return x.new_zeros(N, self.d_model).index_add(0, order // k, ys * w)  # (N, D)
+        sorted_e, order = torch.sort(expert_idx.reshape(-1), stable=True)  # (N*k,) each
+        counts = torch.bincount(sorted_e, minlength=E).tolist()
+        gate = weights.reshape(-1).index_select(0, order)  # (N*k,) in expert order
+        p = self.dropout.p if self.training else 0.0
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        return _GroupedMix.apply(x, gate, w1, b1, w2, b2, order // k, counts, p)  # (N, D)
 
 
 class DenseFFN(nn.Module):
@@ -228,12 +298,16 @@ def topk_gates(scores: Tensor, k: int, forced: Tensor | None = None) -> tuple[Te
     return torch.softmax(sel, dim=-1), idx
 
 
-def topk_agreement(noisy: Tensor, clean: Tensor, k: int) -> Tensor:
-    """Fraction of tokens whose top-k expert set under ``noisy`` equals the one under ``clean``."""
+def topk_agreement(noisy: Tensor, clean: Tensor, k: int, noisy_idx: Tensor | None = None) -> Tensor:
+    """Fraction of tokens whose top-k expert set under ``noisy`` equals the one under ``clean``.
+
+    ``noisy_idx``: ``noisy.topk(k).indices`` when the caller already has it.
+    """
     if noisy is clean or noisy.shape[0] == 0:
         return clean.new_ones(())
     with torch.no_grad():
-        a = noisy.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
+        a = noisy.topk(k, dim=-1).indices if noisy_idx is None else noisy_idx
+        a = a.sort(-1).values  # (N, k)
         b = clean.topk(k, dim=-1).indices.sort(-1).values  # (N, k)
         return (a == b).all(-1).float().mean()
 
@@ -391,7 +465,9 @@ class MoELayer(nn.Module):
             for name, val in router_losses(clean, noisy, std, w, idx).items():
                 parts[name].append(val)
             # without noise (eval mode) the two selections are the same tensor: no extra top-k
-            agree = xg.new_ones(()) if std is None else topk_agreement(noisy, clean, k)
+            # the gates' top-k of the noisy scores is reused unless an expert was forced
+            reuse = idx if fg is None else None
+            agree = xg.new_ones(()) if std is None else topk_agreement(noisy, clean, k, reuse)
             parts["topk_agreement"].append(agree)
             if self.routing == "disjoint":
                 idx = idx + r * E  # global index into the stacked pools

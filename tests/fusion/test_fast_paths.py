@@ -102,3 +102,16 @@ def test_flop_counter_counts_cpu_fused_attention():
     counts = {str(op): n for op, n in fc.get_flop_counts()["Global"].items()}
     assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == forward
     assert fc.get_total_flops() > 2 * forward  # the backward is counted too
+
+
+def test_byte_keep_mask_is_zero_one_at_the_rounded_rate():
+    from clinical_moe.fusion.backbone import byte_keep_mask
+
+    torch.manual_seed(0)
+    keep, scale = byte_keep_mask((1000, 200), 0.1)
+    assert keep.shape == (1000, 200) and keep.dtype == torch.float32
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs((1 - keep.mean().item()) - 26 / 256) < 0.003  # 0.1 rounds to 26/256
+    assert scale == 256 / 230
+    assert byte_keep_mask((3, 4), 0.001) == (None, 1.0)  # rounds to 0: nothing dropped
+    assert not byte_keep_mask((3, 4), 1.0)[0].any()

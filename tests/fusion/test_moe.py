@@ -287,3 +287,38 @@ def test_router_noise_scales_with_the_score_spread_and_agreement_is_reported():
     torch.manual_seed(0)
     n, c, _ = loud.route(x)
     assert topk_agreement(n, c, 2).item() < agreements[0]  # more noise, less agreement
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_grouped_combine_equals_per_expert_reference_in_training(dropout):
+    """The hand-written forward/backward of ``Experts.mix`` (many tokens per expert) gives the
+    per-expert autograd computation's output and gradients, gate weights included, with the same
+    dropout draws."""
+    torch.manual_seed(0)
+    E, k, N = 4, 2, 60
+    ex = Experts(E, D, 12, dropout=dropout).train()
+    ex.padded_below = 0
+    x = _x(N, D).requires_grad_()
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])  # (N, k)
+    idx[:, 0] = torch.where(idx[:, 0] == 3, 0, idx[:, 0])
+    idx[:, 1] = torch.where(idx[:, 1] == 3, 0, idx[:, 1])  # expert 3 gets no token
+    idx[idx[:, 0] == idx[:, 1], 1] = 1
+    idx[idx[:, 0] == idx[:, 1], 1] = 2
+    w = torch.softmax(_x(N, k, seed=3), -1).requires_grad_()
+    gy = _x(N, D, seed=4)
+
+    torch.manual_seed(7)
+    y = ex.mix(x, idx, w)
+    grads = torch.autograd.grad(y, [x, w, *ex.parameters()], gy)
+
+    torch.manual_seed(7)  # same draws: one (n, H) mask per non-empty expert, in expert order
+    order = torch.sort(idx.reshape(-1), stable=True).indices
+    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    xs = x.index_select(0, order // k)
+    outs = [ex.expert(c, e) for e, c in enumerate(xs.split(counts)) if c.shape[0]]
+    gate = w.reshape(-1)[order, None]
+    ref = x.new_zeros(N, D).index_add(0, order // k, torch.cat(outs) * gate)
+    ref_grads = torch.autograd.grad(ref, [x, w, *ex.parameters()], gy)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
