@@ -31,8 +31,11 @@ The training-order sampler of the paper (most observed modalities first) lives i
 Dropout on the residual branches, in the dense FFNs and in the experts is the byte-mask dropout of
 :mod:`clinical_moe.fusion.backbone` (issue #16: ``F.dropout``'s Bernoulli draws were ~10% of a
 B 64 training step): drop rate rounded to a multiple of 1/256 (0.1 -> 0.1016), another random
-stream; evaluation is unaffected. The attention-probability dropout inside
-``nn.MultiheadAttention`` is unchanged.
+stream; evaluation is unaffected. Self-attention is :class:`SelfAttention` (issue #16): the
+computation of ``nn.MultiheadAttention(batch_first=True)`` (one packed q/k/v projection, scaled
+dot-product attention with the same attention-probability dropout, output projection) without its
+batch-first transposes and float key-padding mask; its parameters keep ``nn.MultiheadAttention``'s
+names and initialisation, so earlier state dicts load unchanged.
 Paper defaults: P 16, D 128, 16 experts, top-4, 4 heads, gate loss 0.01; defaults here are small.
 """
 
@@ -44,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clinical_moe.fusion.backbone import Dropout
+from clinical_moe.fusion.backbone import Dropout, safe_key_mask
 from clinical_moe.fusion.base import FusionHead, masked_mean
 from clinical_moe.fusion.moe import MoELayer, cv_squared
 from clinical_moe.registry import HEADS
@@ -94,6 +97,43 @@ def _masked_cv2(v: Tensor, keep: Tensor) -> Tensor:
     mean = (v * keep).sum(1) / n
     var = ((v - mean[:, None]) ** 2 * keep).sum(1) / n
     return torch.where(n > 1, var / (mean**2 + 1e-10), torch.zeros_like(var))
+
+
+class SelfAttention(nn.Module):
+    """Batch-first multi-head self-attention with ``nn.MultiheadAttention``'s parameters.
+
+    Same parameter names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), initialisation
+    order and result as ``nn.MultiheadAttention(d_model, num_heads, dropout, batch_first=True)``
+    called as ``attn(x, x, x, key_padding_mask=~key_mask, need_weights=False)[0]``; q, k and v are
+    strided views of one projection and the key mask stays boolean.
+
+    Args:
+        d_model: Width D.
+        num_heads: Heads (must divide D).
+        dropout: Attention-probability dropout (training only).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))  # (3D, D)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))  # (3D,)
+        self.out_proj = nn.Linear(d_model, d_model)  # drawn first, as in nn.MultiheadAttention
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        """``x (B, T, D)``, ``key_mask (B, T)`` bool (True = real key) -> ``(B, T, D)``."""
+        B, T, D = x.shape
+        H = self.num_heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3D)
+        q, k, v = (t.reshape(B, T, H, D // H).transpose(1, 2) for t in qkv.split(D, -1))
+        mask = None if bool(key_mask.all()) else safe_key_mask(key_mask)[:, None, None, :]
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, dh)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
 @HEADS.register("flex_moe")
@@ -168,10 +208,7 @@ class FlexMoE(FusionHead):
         self.pos = nn.Parameter(torch.randn(M * P, D) * 0.02)  # (M*P, D)
         self.ln1 = nn.ModuleList(nn.LayerNorm(D) for _ in range(num_layers))
         self.ln2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(num_layers))
-        self.attn = nn.ModuleList(
-            nn.MultiheadAttention(D, num_heads, dropout=dropout, batch_first=True)
-            for _ in range(num_layers)
-        )
+        self.attn = nn.ModuleList(SelfAttention(D, num_heads, dropout) for _ in range(num_layers))
         self.ffn = nn.ModuleList(
             MoELayer(D, num_experts, top_k, expert_hidden or 2 * D, gate=gate, noisy=noisy,
                      noise_scale=noise_scale, dropout=dropout)
@@ -277,7 +314,7 @@ class FlexMoE(FusionHead):
         agreement: dict[str, Tensor] = {}
         for i, (ln1, attn, ln2, ffn) in enumerate(zip(self.ln1, self.attn, self.ln2, self.ffn)):
             q = ln1(h)
-            a = attn(q, q, q, key_padding_mask=~keep, need_weights=False)[0]  # (B, M*P, D)
+            a = attn(q, keep)  # (B, M*P, D)
             h = self.drop.residual(h, a)  # h + drop(a), the dropout scale folded into the add
             if isinstance(ffn, MoELayer):
                 out = ffn(ln2(h), keep, forced_expert=forced)

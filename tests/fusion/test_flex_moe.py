@@ -207,3 +207,26 @@ def test_padding_equals_truncation():
         head.pos[-1] += torch.randn(D) * 3
     torch.testing.assert_close(head(padded, PRESENT).logits[has_c], ref[has_c])
     assert not torch.allclose(head(padded, PRESENT).logits[~has_c], ref[~has_c])
+
+
+def test_self_attention_matches_multihead_attention():
+    """Same initialisation, parameter names and eval result as ``nn.MultiheadAttention``."""
+    from clinical_moe.fusion.flex_moe import SelfAttention
+
+    torch.manual_seed(3)
+    ref = torch.nn.MultiheadAttention(16, 4, dropout=0.1, batch_first=True).eval()
+    torch.manual_seed(3)
+    ours = SelfAttention(16, 4, dropout=0.1).eval()
+    ref_sd, ours_sd = ref.state_dict(), ours.state_dict()
+    assert list(ref_sd) == list(ours_sd)
+    for name in ref_sd:
+        assert torch.equal(ref_sd[name], ours_sd[name]), name
+    x = torch.randn(5, 7, 16)
+    keep = torch.rand(5, 7) > 0.4
+    keep[:, 0] = True
+    for mask in (keep, torch.ones_like(keep)):
+        want = ref(x, x, x, key_padding_mask=~mask, need_weights=False)[0]
+        torch.testing.assert_close(ours(x, mask), want, atol=1e-5, rtol=1e-5)
+    ours.train()
+    a, b = ours(x, keep), ours(x, keep)
+    assert not torch.allclose(a, b)  # attention-probability dropout is active in training
