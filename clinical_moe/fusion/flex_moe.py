@@ -33,9 +33,11 @@ Dropout on the residual branches, in the dense FFNs and in the experts is the by
 B 64 training step): drop rate rounded to a multiple of 1/256 (0.1 -> 0.1016), another random
 stream; evaluation is unaffected. Self-attention is :class:`SelfAttention` (issue #16): the
 computation of ``nn.MultiheadAttention(batch_first=True)`` (one packed q/k/v projection, scaled
-dot-product attention with the same attention-probability dropout, output projection) without its
-batch-first transposes and float key-padding mask; its parameters keep ``nn.MultiheadAttention``'s
-names and initialisation, so earlier state dicts load unchanged.
+dot-product attention, output projection) without its batch-first transposes and float key-padding
+mask; its parameters keep ``nn.MultiheadAttention``'s names and initialisation, so earlier state
+dicts load unchanged, and evaluation gives the same result. Attention-probability dropout (training)
+is the same inverted Bernoulli(1 - p) at the exact rate p, drawn as ``uniform >= p`` (another random
+stream than ``nn.MultiheadAttention``'s, at half the cost of its ``bernoulli_``).
 Paper defaults: P 16, D 128, 16 experts, top-4, 4 heads, gate loss 0.01; defaults here are small.
 """
 
@@ -132,8 +134,34 @@ class SelfAttention(nn.Module):
         q, k, v = (t.reshape(B, T, H, D // H).transpose(1, 2) for t in qkv.split(D, -1))
         mask = None if bool(key_mask.all()) else safe_key_mask(key_mask)[:, None, None, :]
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, dh)
+        if p > 0:
+            o = self.dropout_attention(q, k, v, mask, p)  # (B, H, T, dh)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, dh)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+    @staticmethod
+    def dropout_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
+        """Attention with dropout ``p`` on the probabilities, as the unfused kernel computes it.
+
+        CPU ``scaled_dot_product_attention`` with dropout takes its unfused path anyway; this one
+        draws the kept entries as ``uniform >= p`` (the same Bernoulli(1 - p) as ``F.dropout``,
+        another random stream, at half the cost of its ``bernoulli_``) with the ``1 / (1 - p)``
+        scale folded into the mask, and skips the kernel's check for fully masked rows.
+
+        Args:
+            q, k, v: ``(B, H, T, dh)``.
+            mask: ``(B, 1, 1, T)`` bool, True = real key (no row all False), or None.
+            p: Dropout rate in (0, 1].
+        """
+        s = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, H, T, T)
+        if mask is not None:
+            s = s.masked_fill_(~mask, float("-inf"))
+        a = torch.softmax(s, -1)  # (B, H, T, T)
+        if p >= 1.0:
+            return torch.zeros_like(v)
+        keep = torch.rand_like(a).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1 / (1 - p)
+        return torch.matmul(a * keep, v)  # (B, H, T, dh)
 
 
 @HEADS.register("flex_moe")

@@ -133,7 +133,7 @@ class _GroupedMix(torch.autograd.Function):
             y.index_add_(0, rows, out * gate[start : start + n, None])
             saved.append((e, start, n, xe, pre, keep, scale, h, out))
             start += n
-        ctx.saved = saved
+        ctx.saved, ctx.empty = saved, [e for e, n in enumerate(counts) if n == 0]
         ctx.save_for_backward(x, gate, w1, w2, src)
         return y
 
@@ -143,8 +143,10 @@ class _GroupedMix(torch.autograd.Function):
         x, gate, w1, w2, src = ctx.saved_tensors
         gy = gy.contiguous()
         gx, ggate = torch.zeros_like(x), torch.empty_like(gate)
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        gb1, gb2 = w1.new_zeros(w1.shape[0], w1.shape[2]), w2.new_zeros(w2.shape[0], w2.shape[2])
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)  # every used expert's slot written
+        gb1, gb2 = w1.new_empty(w1.shape[0], w1.shape[2]), w2.new_empty(w2.shape[0], w2.shape[2])
+        for g in (gw1, gw2, gb1, gb2):
+            g[ctx.empty] = 0.0  # experts without a token
         for e, start, n, xe, pre, keep, scale, h, out in ctx.saved:
             rows = src[start : start + n]  # (n,)
             gye = gy.index_select(0, rows)  # (n, D)

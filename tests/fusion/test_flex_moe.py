@@ -230,3 +230,26 @@ def test_self_attention_matches_multihead_attention():
     ours.train()
     a, b = ours(x, keep), ours(x, keep)
     assert not torch.allclose(a, b)  # attention-probability dropout is active in training
+
+
+def test_self_attention_dropout_in_training_is_inverted_bernoulli_on_probabilities():
+    from clinical_moe.fusion.flex_moe import SelfAttention
+
+    torch.manual_seed(0)
+    att = SelfAttention(16, 4, dropout=0.25).train()
+    x = torch.randn(3, 5, 16)
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[0, 3:] = False
+    torch.manual_seed(9)
+    out = att(x, keep)
+    q, k, v = (
+        t.reshape(3, 5, 4, 4).transpose(1, 2)
+        for t in F.linear(x, att.in_proj_weight, att.in_proj_bias).split(16, -1)
+    )
+    s = (q @ k.transpose(-2, -1)) / 2.0 + torch.where(keep, 0.0, float("-inf"))[:, None, None]
+    torch.manual_seed(9)
+    kept = (torch.rand(3, 4, 5, 5) >= 0.25).float() / 0.75
+    o = (torch.softmax(s, -1) * kept) @ v  # (B, H, T, dh)
+    ref = att.out_proj(o.transpose(1, 2).reshape(3, 5, 16))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (kept == 0).any()
