@@ -10,7 +10,8 @@ input only). ``work_ratio`` is the number of backbone passes the I2MoE step does
 (experts x stacked rows / batch), so ``ratio / work_ratio < 1`` means the batched pass is cheaper
 than running the experts one by one.
 
-Target (issue #8): MoE <= 1.5x the dense active-FLOP time at 8k tokens, E16, k4.
+Target: MoE <= 1.2x the dense active-FLOP time at 8k tokens, E16, k4 (issue #16; issue #8 asked
+<= 1.5x).
 
 Usage::
 
@@ -32,7 +33,7 @@ from clinical_moe.fusion.moe import DenseFFN, MoELayer
 
 FULL = {"experts": [4, 8, 16, 32], "top_k": [1, 2, 4], "tokens": [1024, 8192, 65536]}
 QUICK = {"experts": [4, 16], "top_k": [1, 4], "tokens": [1024, 8192]}
-TARGET = {"experts": 16, "top_k": 4, "tokens": 8192, "max_ratio": 1.5}
+TARGET = {"experts": 16, "top_k": 4, "tokens": 8192, "max_ratio": 1.2}
 I2MOE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "i2moe.yaml"
 MODALITIES = ("ehr", "cxr", "ecg", "notes")
 
@@ -195,7 +196,7 @@ def target_status(results: list[dict]) -> dict:
     ]
     paired = hit[0]["ratio_paired"] if hit else None
     return {
-        "description": "MoE fwd+bwd <= 1.5x dense active-FLOP FFN at 8k tokens, E16, k4",
+        "description": "MoE fwd+bwd <= 1.2x dense active-FLOP FFN at 8k tokens, E16, k4",
         **TARGET,
         "measured_ratio": hit[0]["ratio"] if hit else None,
         "measured_ratio_paired": paired,
