@@ -110,48 +110,57 @@ class Router(nn.Module):
 
 
 class _GroupedMix(torch.autograd.Function):
-    """``y = sum_j g_nj E_{e_nj}(x_n)`` expert by expert (module docstring, "Grouped combine").
+    """Expert by expert (module docstring, "Grouped combine"): with gates, ``y (N, D) = sum_j
+    g_nj E_{e_nj}(x_n)``; without, ``y (N*k, D)``: each assignment's output in assignment order.
 
-    Forward inputs: ``x (N, D)``; ``gate (N*k,)`` and ``src (N*k,)`` the gate weight and token of
-    each assignment, sorted by expert; the stacked expert weights; ``counts`` (python ints,
-    assignments per expert); the dropout rate (0 in eval mode).
+    Forward inputs: ``x (N, D)``; ``gate (N*k,)`` (or None) and ``src (N*k,)`` the gate weight and
+    token of each assignment, sorted by expert; ``dst (N*k,)`` the assignment's row in ``y``
+    (summed into with gates, copied to without); the stacked expert weights; ``counts`` (python
+    ints, assignments per expert); the dropout rate (0 in eval mode).
     """
 
     @staticmethod
-    def forward(ctx, x, gate, w1, b1, w2, b2, src, counts, p):
-        y = x.new_zeros(x.shape[0], w2.shape[2])  # (N, D)
+    def forward(ctx, x, gate, w1, b1, w2, b2, src, dst, counts, p):
+        if gate is None:
+            y = x.new_empty(dst.numel(), w2.shape[2])  # (N*k, D), every row written once
+        else:
+            y = x.new_zeros(x.shape[0], w2.shape[2])  # (N, D)
         saved, start = [], 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            rows = src[start : start + n]  # (n,)
-            xe = x.index_select(0, rows)  # (n, D)
+            xe = x.index_select(0, src[start : start + n])  # (n, D)
             pre = torch.addmm(b1[e], xe, w1[e])  # (n, H)
             keep, scale = byte_keep_mask(pre.shape, p, x.device, x.dtype)  # (n, H) 0/1 or None
             h = F.gelu(pre) if keep is None else F.gelu(pre).mul_(keep)  # (n, H)
             out = torch.addmm(b2[e], h, w2[e], alpha=scale)  # (n, D), before the gate
-            y.index_add_(0, rows, out * gate[start : start + n, None])
+            rows = dst[start : start + n]  # (n,)
+            if gate is None:
+                y.index_copy_(0, rows, out)
+            else:
+                y.index_add_(0, rows, out * gate[start : start + n, None])
             saved.append((e, start, n, xe, pre, keep, scale, h, out))
             start += n
         ctx.saved, ctx.empty = saved, [e for e, n in enumerate(counts) if n == 0]
-        ctx.save_for_backward(x, gate, w1, w2, src)
+        ctx.save_for_backward(x, gate, w1, w2, src, dst)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, gate, w1, w2, src = ctx.saved_tensors
+        x, gate, w1, w2, src, dst = ctx.saved_tensors
         gy = gy.contiguous()
-        gx, ggate = torch.zeros_like(x), torch.empty_like(gate)
+        gx = torch.zeros_like(x)
+        ggate = None if gate is None else torch.empty_like(gate)
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)  # every used expert's slot written
         gb1, gb2 = w1.new_empty(w1.shape[0], w1.shape[2]), w2.new_empty(w2.shape[0], w2.shape[2])
         for g in (gw1, gw2, gb1, gb2):
             g[ctx.empty] = 0.0  # experts without a token
         for e, start, n, xe, pre, keep, scale, h, out in ctx.saved:
-            rows = src[start : start + n]  # (n,)
-            gye = gy.index_select(0, rows)  # (n, D)
-            ggate[start : start + n] = (gye * out).sum(1)
-            go = gye.mul_(gate[start : start + n, None])  # (n, D) gradient of the expert output
+            go = gy.index_select(0, dst[start : start + n])  # (n, D)
+            if gate is not None:
+                ggate[start : start + n] = (go * out).sum(1)
+                go.mul_(gate[start : start + n, None])  # gradient of the expert output
             torch.mm(h.t(), go, out=gw2[e])
             torch.sum(go, 0, out=gb2[e])
             gh = torch.mm(go, w2[e].t())  # (n, H)
@@ -163,9 +172,9 @@ class _GroupedMix(torch.autograd.Function):
                 gpre.mul_(scale)
             torch.mm(xe.t(), gpre, out=gw1[e])
             torch.sum(gpre, 0, out=gb1[e])
-            gx.index_add_(0, rows, torch.mm(gpre, w1[e].t()))
+            gx.index_add_(0, src[start : start + n], torch.mm(gpre, w1[e].t()))
         ctx.saved = None
-        return gx, ggate, gw1, gb1, gw2, gb2, None, None, None
+        return gx, ggate, gw1, gb1, gw2, gb2, None, None, None, None
 
 
 class Experts(nn.Module):
@@ -236,9 +245,24 @@ class Experts(nn.Module):
         N, k = expert_idx.shape
         if N == 0:
             return x.new_zeros(0, k, self.d_model)
-        ys, order = self._grouped(x, expert_idx)
-        out = torch.empty_like(ys).index_copy(0, order, ys)  # (N*k, D) in assignment order
+        E, nk = self.num_experts, N * k
+        if nk < self.padded_below * E:  # few tokens per expert: maybe the padded bmm
+            ys, order = self._grouped(x, expert_idx)
+            out = torch.empty_like(ys).index_copy(0, order, ys)  # (N*k, D) in assignment order
+            return out.view(N, k, self.d_model)  # (N, k, D)
+        order, counts = self._sorted(expert_idx)
+        w1, b1, w2, b2, p = self.w1, self.b1, self.w2, self.b2, self._rate()
+        out = _GroupedMix.apply(x, None, w1, b1, w2, b2, order // k, order, counts, p)
         return out.view(N, k, self.d_model)  # (N, k, D)
+
+    def _sorted(self, expert_idx: Tensor) -> tuple[Tensor, list[int]]:
+        """The ``N*k`` assignments sorted by expert (stable) and the count of each expert."""
+        sorted_e, order = torch.sort(expert_idx.reshape(-1), stable=True)  # (N*k,) each
+        return order, torch.bincount(sorted_e, minlength=self.num_experts).tolist()
+
+    def _rate(self) -> float:
+        """The hidden-activation dropout rate in effect (0 in eval mode)."""
+        return self.dropout.p if self.training else 0.0
 
     def mix(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
         """``sum_j weights[n, j] * E_{expert_idx[n, j]}(x_n)`` -> ``(N, D)`` (fused combine)."""
@@ -250,12 +274,10 @@ class Experts(nn.Module):
             ys, order = self._grouped(x, expert_idx)
             w = weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*k, 1)
             return x.new_zeros(N, self.d_model).index_add(0, order // k, ys * w)  # (N, D)
-        sorted_e, order = torch.sort(expert_idx.reshape(-1), stable=True)  # (N*k,) each
-        counts = torch.bincount(sorted_e, minlength=E).tolist()
+        order, counts = self._sorted(expert_idx)
         gate = weights.reshape(-1).index_select(0, order)  # (N*k,) in expert order
-        p = self.dropout.p if self.training else 0.0
-        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
-        return _GroupedMix.apply(x, gate, w1, b1, w2, b2, order // k, counts, p)  # (N, D)
+        w1, b1, w2, b2, p, src = self.w1, self.b1, self.w2, self.b2, self._rate(), order // k
+        return _GroupedMix.apply(x, gate, w1, b1, w2, b2, src, src, counts, p)  # (N, D)
 
 
 class DenseFFN(nn.Module):

@@ -291,9 +291,9 @@ def test_router_noise_scales_with_the_score_spread_and_agreement_is_reported():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_grouped_combine_equals_per_expert_reference_in_training(dropout):
-    """The hand-written forward/backward of ``Experts.mix`` (many tokens per expert) gives the
-    per-expert autograd computation's output and gradients, gate weights included, with the same
-    dropout draws."""
+    """The hand-written forward/backward of ``Experts.mix`` and ``Experts.forward`` (many tokens
+    per expert) give the per-expert autograd computation's output and gradients, gate weights
+    included, with the same dropout draws."""
     torch.manual_seed(0)
     E, k, N = 4, 2, 60
     ex = Experts(E, D, 12, dropout=dropout).train()
@@ -320,5 +320,19 @@ def test_grouped_combine_equals_per_expert_reference_in_training(dropout):
     ref = x.new_zeros(N, D).index_add(0, order // k, torch.cat(outs) * gate)
     ref_grads = torch.autograd.grad(ref, [x, w, *ex.parameters()], gy)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+    # without gates: each assignment's output in assignment order, (N, k, D)
+    gk = _x(N, k, D, seed=5)
+    torch.manual_seed(7)
+    each = ex(x, idx)
+    grads = torch.autograd.grad(each, [x, *ex.parameters()], gk)
+    torch.manual_seed(7)
+    xs = x.index_select(0, order // k)
+    outs = [ex.expert(c, e) for e, c in enumerate(xs.split(counts)) if c.shape[0]]
+    ref = torch.cat(outs).new_empty(N * k, D).index_copy(0, order, torch.cat(outs))
+    ref_grads = torch.autograd.grad(ref.view(N, k, D), [x, *ex.parameters()], gk)
+    torch.testing.assert_close(each, ref.view(N, k, D), atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
