@@ -79,4 +79,5 @@ _ROLE = re.compile(r":(?:class|func|mod|meth|attr|data):`~?([^`]+)`")
 def plain_help(doc: str | None) -> str:
     """A module docstring as terminal help: reST roles and double backticks removed."""
     text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], doc or "")
+    text = re.sub(r"::$", ":", text, flags=re.MULTILINE)  # reST's literal-block marker
     return text.replace("``", "`")
