@@ -38,9 +38,7 @@ def store_folders(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no decode store at {root} (data.decode_store)")
-    return sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.split("-", 1)[0] in KINDS
-    )  # fmt: skip
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.split("-", 1)[0] in KINDS)
 
 
 def _settings(folder: Path) -> dict:
@@ -71,9 +69,11 @@ def find_caches(root: Path, extra: list[str | Path] = ()) -> list[Path]:
         if not (Path(path) / "decode_store.json").is_file():
             raise FileNotFoundError(f"{path} is not a cache that refers to a decode store")
         found.append(Path(path))
-    return sorted(
-        {c.resolve() for c in found if any(root in d.resolve().parents for d in read_pointer(c).values())}
-    )  # fmt: skip
+
+    def uses_root(cache: Path) -> bool:
+        return any(root in d.resolve().parents for d in read_pointer(cache).values())
+
+    return sorted({c.resolve() for c in found if uses_root(c)})
 
 
 def referenced(caches: list[Path]) -> dict[Path, set[str]]:
@@ -94,16 +94,10 @@ def referenced(caches: list[Path]) -> dict[Path, set[str]]:
 
 def missing_entries_of(cache: Path) -> int:
     """How many of the entries a cache refers to are in neither form (array, skip record)."""
-    from clinical_moe.data.decode_store import entry_path
+    from clinical_moe.data.decode_store import entry_state
 
-    n = 0
-    for folder, keys in referenced([cache]).items():
-        n += sum(
-            not entry_path(folder, k).is_file()
-            and not entry_path(folder, k, ".skip.json").is_file()
-            for k in keys
-        )
-    return n
+    refs = referenced([cache]).items()
+    return sum(entry_state(folder, k) is None for folder, keys in refs for k in keys)
 
 
 def _temp_files(root: Path, older_than_s: float) -> list[Path]:
