@@ -106,10 +106,11 @@ def fingerprint_inputs(cfg: Config) -> dict:
     """Everything that decides the cache content, as a flat JSON-able dict.
 
     The data section (less :data:`NOT_CONTENT`), the seed (it decides the split), the native
-    targets' format version, the notes tokenizer when it is a Hugging Face model's own, the
+    targets' format version, the EHR statistics' version (with EHR), the notes tokenizer when it is a Hugging Face model's own, the
     size / modification time of each ``data.embeddings`` file, and those of the source tables
     (:func:`source_tables`).
     """
+    from clinical_moe.data.cache_writer import EHR_STATS_VERSION
     from clinical_moe.data.targets import TARGETS_VERSION
 
     d = asdict(cfg.data)
@@ -120,6 +121,8 @@ def fingerprint_inputs(cfg: Config) -> dict:
             d.pop(key)
     d["seed"] = cfg.seed
     d["targets_version"] = TARGETS_VERSION if cfg.data.native_targets else None
+    if "ehr" in cfg.data.modalities:
+        d["ehr_stats_version"] = EHR_STATS_VERSION
     if d.get("embeddings"):  # the files' size and time: new vectors at the same path count
         from clinical_moe.data.embeddings import source_paths
 
@@ -159,6 +162,8 @@ def stored(cache_dir: str | Path) -> tuple[str | None, dict | None]:
 def _name(key: str) -> str:
     if key in ("seed", "targets_version"):
         return key
+    if key == "ehr_stats_version":
+        return "EHR scaling version (2: static features standardised)"
     if key == "notes_tokenizer":
         return "notes tokenizer"
     return f"data.{key}"

@@ -191,7 +191,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
         series = time_series(events, cohort["stay_id"].astype(int))
         plan.num_variables = len(events.variables)
         static_arr = np.nan_to_num(static.to_numpy(np.float32))
-        static_arr[:, 0] = static_arr[:, 0] / 100.0  # age in centuries: O(1) without fitting
+        static_arr[:, 0] = static_arr[:, 0] / 100.0  # age in centuries (the store standardises)
         row_of = {int(s): i for i, s in enumerate(static.index)}
         for sid, ts in series.items():
             if len(ts.times):

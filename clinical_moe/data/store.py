@@ -4,7 +4,7 @@ A cache directory holds::
 
     manifest.parquet         one row per stay: ids, split, labels, has_<modality>, shard, row
     summary.json             counts, exclusions, skipped files by reason (no patient text)
-    ehr_stats.json           per-variable mean / std fitted on the train split
+    ehr_stats.json           mean / std fitted on the train split: per variable, per static feature
     tokenizer.json           note vocabulary fitted on the train split
     shards/00000/            arrays of the stays of one shard (written atomically, then DONE)
         ehr_values.npy (sum L, V) float32   ehr_obs.npy (sum L, V) bool   ehr_times.npy (sum L,)
@@ -184,15 +184,18 @@ class CacheStore:
             a, b = int(off[row]), int(off[row + 1])
             values = np.array(s.array("ehr_values")[a:b], dtype=np.float32)
             obs = np.array(s.array("ehr_obs")[a:b], dtype=bool)
+            static = np.array(s.array("ehr_static")[row], dtype=np.float32)
             stats = self.ehr_stats
             if stats:
                 values = (values - stats["mean"]) / stats["std"]
                 values[~obs] = 0.0
+            if "static_mean" in stats:  # (caches since EHR_STATS_VERSION 2)
+                static = (static - stats["static_mean"]) / stats["static_std"]
             return {
                 "values": values,
                 "obs_mask": obs,
                 "times": np.array(s.array("ehr_times")[a:b], dtype=np.float32),
-                "static": np.array(s.array("ehr_static")[row], dtype=np.float32),
+                "static": static,
             }
         out = {
             "times": np.array(s.array(f"{modality}_times")[row], dtype=np.float32),

@@ -147,7 +147,8 @@ def build_context(dataset: CachedDataset, batch_size: int = 128) -> EvalContext:
         if "ehr" in mods:
             has = batch.present_of("ehr").numpy()
             severity[rows] = np.where(has, content[rows, mods.index("ehr")], np.nan)
-            age[rows] = np.where(has, batch.inputs["ehr"]["static"][:, 0].double().numpy(), np.nan)
+            static = batch.inputs["ehr"]["static"][:, 0].double().numpy()  # age, standardised
+            age[rows] = np.where(has, static, np.nan)  # (MAR standardises its covariate anyway)
         start += len(batch)
     labels = dataset.labels
     labels = labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels

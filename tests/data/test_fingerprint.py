@@ -32,7 +32,9 @@ _cfg = small_config
 
 
 def test_old_configs_keep_their_hash():
-    """The hash of a config without the newer options is the one earlier versions wrote."""
+    """The hash of a config without the newer options is the one earlier versions wrote (plus
+    the EHR statistics' version, which changed what every cache with EHR holds)."""
+    from clinical_moe.data.cache_writer import EHR_STATS_VERSION
     from clinical_moe.data.targets import TARGETS_VERSION
 
     cfg = load_config({}, ["data.task=los7", "seed=3"])
@@ -40,6 +42,7 @@ def test_old_configs_keep_their_hash():
     for key in ("cache_dir", "workers", "engine", "decode_store", "ray_address", "embeddings"):
         d.pop(key, None)
     d["seed"], d["targets_version"] = 3, TARGETS_VERSION
+    d["ehr_stats_version"] = EHR_STATS_VERSION
     old = sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert cache_fingerprint(cfg) == old
 
