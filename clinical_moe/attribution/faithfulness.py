@@ -51,6 +51,9 @@ faithful attribution of the mortality log-odds should follow these effects. Defi
   and EHR, and the difference with a two-sample bootstrap CI; it should be above 0
   (:mod:`.synergy`).
 - A group with fewer than ``min_n`` stays carries a "small n" warning in ``note``.
+- ``observer_agreement`` (:mod:`.agreement`): per method and modality, the bias, slope,
+  correlation and residual SD of the attributions against the observer's, and for EHR their
+  slope in age: which modality is off when the target fails.
 
 Real MIMIC has no truth: every figure is then reported as "not available".
 """
@@ -64,6 +67,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from clinical_moe.attribution.agreement import agreement_rows
 from clinical_moe.attribution.groups import GROUP_COLUMNS, GROUP_SPECS, MIN_N, assign_groups
 from clinical_moe.attribution.observer import observer_attributions
 from clinical_moe.attribution.ranking import carrier_share, carriers_on_top, chance_top
@@ -334,10 +338,10 @@ def faithfulness(
     if obs is not None:
         obs_cols = [c for c in obs if c != "stay_id"]
         df = df.merge(obs, on="stay_id", how="left")
-        factors = stays[["stay_id", "cardiac", "pulmonary", "infection"]]
+        factors = stays[["stay_id", "cardiac", "pulmonary", "infection", "age"]]
         sf = df.merge(factors, on="stay_id", how="left")
         target, sf_defs, label = single_factor_rows(sf, methods, modalities, min_n, n_boot, seed)
-        rows = target + rows
+        rows = target + agreement_rows(sf, methods, modalities, n_boot, seed) + rows
         definitions = pd.concat([sf_defs, definitions], ignore_index=True)
         df["single_factor_group"] = label.to_numpy()
         obs_cols.append("single_factor_group")

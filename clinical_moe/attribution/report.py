@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from clinical_moe.attribution import plots
+from clinical_moe.attribution.agreement import GROUP
 from clinical_moe.evaluation.report import SMALL_N_RULE, small_n_note
 
 _CSS = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
@@ -201,6 +202,30 @@ def high_risk_stays(per_stay: pd.DataFrame, modalities, n: int = 10) -> pd.DataF
     return per_stay.sort_values("risk", ascending=False, kind="stable").head(n)[cols]
 
 
+AGREEMENT_TEXT = """<p class="note"><b>Agreement with the observer.</b> Each modality's
+attributions against the ideal observer's, over every stay that has the modality: <b>bias</b> (mean
+of head minus observer, with its 95% CI), <b>slope</b> (1 = calibrated, below 1 = the modality's
+evidence under-used), <b>r</b>, the <b>residual SD</b> (the noise that decides near ties in the
+top-1 figures) and, for the EHR, the residual's slope in <b>age</b> per 15 years (0 when the head
+uses age as the truth does). When the single-factor target fails, this says which modality is
+off.</p>"""
+
+
+def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per method and modality from the ``observer_agreement`` rows."""
+    parts = rows["metric"].str.extract(r"^agreement_(?P<modality>[^_]+)_(?P<figure>.+)$")
+    t = rows.assign(**parts)
+    wide = t.pivot_table(
+        index=["method", "modality"], columns="figure", values="value", aggfunc="first"
+    )
+    bias = t[t["figure"] == "bias"].set_index(["method", "modality"])
+    wide["bias_ci_low"], wide["bias_ci_high"] = bias["ci_low"], bias["ci_high"]
+    wide["n_stays"] = bias["n_stays"]
+    order = ["bias", "bias_ci_low", "bias_ci_high", "slope", "r", "resid_sd", "age_slope"]
+    cols = [c for c in order if c in wide] + ["n_stays"]
+    return wide[cols].reset_index()
+
+
 def faithfulness_html(tables: dict[str, pd.DataFrame], figures: dict[str, bytes]) -> list[str]:
     """HTML parts of the faithfulness, synergy and encoder probe sections, with captions."""
     faith = tables["faithfulness"]
@@ -228,8 +253,15 @@ def faithfulness_html(tables: dict[str, pd.DataFrame], figures: dict[str, bytes]
             "Shapley values against the true effects (right); see the text above.",
         ),
     ]
-    rank = faith[~faith["metric"].str.startswith("synergy_weight")]
+    agree = faith["group"] == GROUP
+    rank = faith[~faith["metric"].str.startswith("synergy_weight") & ~agree]
     parts += ["<h3>Ranking figures with 95% CIs</h3>", _html_table(rank, max_rows=200)]
+    if agree.any():
+        parts += [
+            "<h3>Agreement with the ideal observer, per modality</h3>",
+            AGREEMENT_TEXT,
+            _html_table(agreement_table(faith[agree])),
+        ]
     syn = faith[faith["metric"].str.startswith("synergy_weight")]
     if not syn.empty:
         parts += [

@@ -165,6 +165,9 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
     assert not [ln for ln in lines if ln.lower() in text]
     for sid in per.sort_values("risk", ascending=False)["stay_id"].head(3):
         assert str(sid) in html  # high-risk stays are named by stay id
+    # which modality is off, per modality against the ideal observer (issue 12)
+    assert "Agreement with the observer" in html
+    assert "attribution/shapley/agreement_ehr_age_slope" in run.data.metrics
 
 
 def test_cli_from_a_checkpoint(trained, tmp_path, monkeypatch, capsys):

@@ -165,3 +165,31 @@ def test_synergy_group_is_where_the_observer_sees_the_interaction(truth_dir):
     both = (x["pulmonary"] == 1) & (x["infection"] == 1) & inter.notna()
     assert both.sum() >= 3
     assert inter[both].mean() > inter[~both & inter.notna()].mean() + 0.3
+
+
+def test_observer_agreement_names_the_modality_that_is_off():
+    """Bias, slope, correlation, residual SD per modality, and the EHR's slope in age."""
+    from clinical_moe.attribution.agreement import agreement_rows
+
+    rng = np.random.default_rng(0)
+    n = 400
+    age = rng.uniform(20, 90, n)
+    obs = rng.normal(0, 1, (n, 4))
+    obs[:, 0] += 0.3 * (age - 65) / 15  # the observer's EHR credit rises with age
+    attr = obs.copy()
+    attr[:, 0] -= 0.3 * (age - 65) / 15  # a head that ignores age ...
+    attr[:, 2] = 0.5 * obs[:, 2] - 0.2  # ... and half-uses the ECG, shifted down
+    df = _df(np.zeros((n, 3), int), np.ones((n, 4), bool), obs, attr).assign(age=age)
+    t = pd.DataFrame(agreement_rows(df, ["shapley"], MODS, n_boot=100)).set_index("metric")
+    assert (t["group"] == "observer_agreement").all()
+    v = t["value"]
+    assert v["agreement_ehr_age_slope"] == pytest.approx(-0.3, abs=0.02)
+    assert v["agreement_ecg_slope"] == pytest.approx(0.5, abs=1e-9)
+    assert v["agreement_ecg_bias"] == pytest.approx(-0.2 - 0.5 * obs[:, 2].mean(), abs=1e-9)
+    assert t.loc["agreement_ecg_bias", "ci_low"] < v["agreement_ecg_bias"] < 0
+    for m in ("cxr", "notes"):  # untouched modalities agree exactly
+        assert v[f"agreement_{m}_slope"] == pytest.approx(1.0)
+        assert v[f"agreement_{m}_r"] == pytest.approx(1.0)
+        assert v[f"agreement_{m}_resid_sd"] == pytest.approx(0.0, abs=1e-12)
+    assert v["agreement_ehr_r"] < 0.99 and v["agreement_ehr_resid_sd"] > 0.2
+    assert "agreement_ecg_age_slope" not in v  # age only where the EHR carries it
