@@ -262,6 +262,20 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
     assert again["heads"] == report["heads"] and again["seconds"] < report["seconds"]
     summary = run_all.summarize("quality", report)
     assert set(summary["heads"]) == {"late", "concat"} and "best_head" in summary["targets"]
+    # the learnable reference of the faithfulness target, on the same work folder
+    from benchmarks import faithfulness_floor
+
+    floor = faithfulness_floor.main(
+        ["--work", str(tmp_path), "--n-patients", "120", "--seeds", "0", "1", "--copies", "1"]
+    )
+    manifest = bench_quality.pd.read_parquet(tmp_path / "cache-n120-s0" / "manifest.parquet")
+    first = floor["seeds"][0]
+    assert first["n_train"] == int((manifest["split"] == "train").sum())
+    assert 0 < first["full_log_odds_sd_vs_observer"] < 5
+    for s in floor["seeds"]:
+        top1 = s["single_factor_top1"]
+        assert (top1 is None) == (s["n_single_factor"] == 0)
+        assert top1 is None or 0 <= top1 <= 1
     assert positive(summary["heads"]["late"]["auroc_of_oracle_natural"])
 
 
