@@ -222,8 +222,13 @@ def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
     wide["bias_ci_low"], wide["bias_ci_high"] = bias["ci_low"], bias["ci_high"]
     wide["n_stays"] = bias["n_stays"]
     order = ["bias", "bias_ci_low", "bias_ci_high", "slope", "r", "resid_sd", "age_slope"]
-    cols = [c for c in order if c in wide] + ["n_stays"]
-    return wide[cols].reset_index()
+    cols = [c for c in order if c in wide]
+    out = wide[cols].astype(float).round(3) + 0.0  # (+ 0.0: no "-0" after rounding)
+    out["n_stays"] = wide["n_stays"].astype(int)
+    out.columns.name = None
+    out = out.reset_index()
+    out.insert(2, "unit", ["risk" if m == "ablation" else "log-odds" for m in out["method"]])
+    return out
 
 
 def faithfulness_html(tables: dict[str, pd.DataFrame], figures: dict[str, bytes]) -> list[str]:

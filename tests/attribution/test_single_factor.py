@@ -193,3 +193,11 @@ def test_observer_agreement_names_the_modality_that_is_off():
         assert v[f"agreement_{m}_resid_sd"] == pytest.approx(0.0, abs=1e-12)
     assert v["agreement_ehr_r"] < 0.99 and v["agreement_ehr_resid_sd"] > 0.2
     assert "agreement_ecg_age_slope" not in v  # age only where the EHR carries it
+    # the report's table: one row per method and modality, units named, rounded
+    from clinical_moe.attribution.report import agreement_table
+
+    table = agreement_table(pd.DataFrame(agreement_rows(df, ["shapley"], MODS, n_boot=100)))
+    assert list(table["modality"]) == sorted(MODS) and set(table["unit"]) == {"log-odds"}
+    assert table.columns.name is None and "age_slope" in table
+    ecg = table.set_index("modality").loc["ecg"]
+    assert ecg["slope"] == 0.5 and ecg["n_stays"] == n
