@@ -112,10 +112,8 @@ def one_seed(work: Path, n_patients: int, seed: int, args) -> dict:
         values[bits] = np.where(shown.any(1), lo, base)
     phi = np.where(has[test], shapley_from_values(values, len(MODS)), 0.0)  # (n_test, 4)
 
-    groups = pd.read_parquet(
-        work / f"attribution-n{n_patients}-s{seed}" / args.groups_from / "tables"
-        / "faithfulness_per_stay.parquet"
-    ).set_index("stay_id")  # fmt: skip
+    tables = work / f"attribution-n{n_patients}-s{seed}" / args.groups_from / "tables"
+    groups = pd.read_parquet(tables / "faithfulness_per_stay.parquet").set_index("stay_id")
     g = groups.reindex(man["stay_id"].to_numpy()[test])
     label = g["single_factor_group"].fillna("").to_numpy(str)
     single = np.char.startswith(label, "single_factor")

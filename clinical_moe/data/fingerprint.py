@@ -106,9 +106,9 @@ def fingerprint_inputs(cfg: Config) -> dict:
     """Everything that decides the cache content, as a flat JSON-able dict.
 
     The data section (less :data:`NOT_CONTENT`), the seed (it decides the split), the native
-    targets' format version, the EHR statistics' version (with EHR), the notes tokenizer when it is a Hugging Face model's own, the
-    size / modification time of each ``data.embeddings`` file, and those of the source tables
-    (:func:`source_tables`).
+    targets' format version, the EHR statistics' version (with EHR), the notes tokenizer when it
+    is a Hugging Face model's own, the size / modification time of each ``data.embeddings`` file,
+    and those of the source tables (:func:`source_tables`).
     """
     from clinical_moe.data.cache_writer import EHR_STATS_VERSION
     from clinical_moe.data.targets import TARGETS_VERSION
