@@ -125,6 +125,28 @@ def resolve_run(ref: str, tracking_uri: str | None = None) -> str:
     return found[0].info.run_id
 
 
+def check_ehr_scaling(state: dict, data, run: str) -> None:
+    """Refuse a run whose weights expect other EHR input scaling than the cache gives.
+
+    A checkpoint without ``ehr_scaling`` was written before the static EHR features were
+    standardised (scaling 1). Its cache was rebuilt since (the fingerprint changed), so the
+    model would now read age in standard deviations where it learned centuries, silently.
+    """
+    if "ehr" not in data.modalities:
+        return
+    trained = int(state.get("ehr_scaling", 1))
+    now = data.train.store.ehr_scaling
+    if trained != now:
+        from clinical_moe.data.cache import StaleCacheError
+
+        raise StaleCacheError(
+            f"run {run} was trained on EHR inputs with scaling version {trained} and its cache "
+            f"{data.train.store.cache_dir} now gives version {now} (2: static features "
+            "standardised on the train split); retrain the run, or evaluate it on the cache it "
+            "was trained on"
+        )
+
+
 def load_run(
     run_id: str | None = None,
     checkpoint: str | Path | None = None,
@@ -160,6 +182,7 @@ def load_run(
         )
     check_cache(cfg, cache)  # issue 13: refuse, in one line, a cache built with other settings
     data = build_data(cfg, cache)
+    check_ehr_scaling(state, data, run_id or str(path))
     model = build_model(cfg, data)
     model.load_state_dict(state["model"])
     model.eval()

@@ -115,6 +115,14 @@ class CacheStore:
         return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
 
     @property
+    def ehr_scaling(self) -> int:
+        """How the store scales EHR inputs: 2 = time series and static features standardised on
+        the train split, 1 = time series only (caches before ``EHR_STATS_VERSION`` 2), 0 = none.
+        A model expects the scaling it was trained with (``clinical_moe.runs.load_run`` checks)."""
+        stats = self.ehr_stats
+        return 2 if "static_mean" in stats else 1 if stats else 0
+
+    @property
     def target_names(self) -> dict[str, list[str]]:
         """Modality -> names of its native per-event targets (``read(...)["targets"]`` columns).
 

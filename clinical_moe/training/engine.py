@@ -390,6 +390,7 @@ class Trainer:
             "meters": dict(self.meters),
             "run_id": self.logger.run_id,
             "head": self.cfg.model.name,
+            "ehr_scaling": self.data.train.store.ehr_scaling,  # what the weights expect
         }
 
     def load_state(self, ckpt: dict) -> None:

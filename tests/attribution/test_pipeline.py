@@ -214,3 +214,24 @@ def test_report_renders_in_chromium(trained, tmp_path, monkeypatch):
     checks = check_report(out / "report.html", tmp_path / "screenshots")
     for r in checks.values():
         assert r["images"] >= 4 and r["uncaptioned"] == 0
+
+
+def test_a_run_trained_on_older_ehr_scaling_is_refused(trained, tmp_path):
+    """Weights learned on unstandardised static EHR features are not fed standardised ones."""
+    import shutil
+
+    from clinical_moe.data.cache import StaleCacheError
+    from clinical_moe.runs import load_run
+    from clinical_moe.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(trained["checkpoint"])
+    assert state["ehr_scaling"] == 2  # what the trainer records: the cache's scaling
+    load_run(checkpoint=trained["checkpoint"])  # loads
+
+    old = tmp_path / "old_run"  # the same run as a checkpoint written before the change
+    old.mkdir()
+    shutil.copy(trained["checkpoint"].parent / "config.yaml", old / "config.yaml")
+    del state["ehr_scaling"]
+    torch.save(state, old / "best.pt")
+    with pytest.raises(StaleCacheError, match="scaling version 1 .* now gives version 2"):
+        load_run(checkpoint=old / "best.pt")
