@@ -141,8 +141,8 @@ def check_ehr_scaling(state: dict, data, run: str) -> None:
 
         raise StaleCacheError(
             f"run {run} was trained on EHR inputs with scaling version {trained} and its cache "
-            f"{data.train.store.cache_dir} now gives version {now} (2: static features "
-            "standardised on the train split); retrain the run, or evaluate it on the cache it "
+            f"{data.train.store.cache_dir} now gives version {now} (2: age standardised on the "
+            "train split); retrain the run, or evaluate it on the cache it "
             "was trained on"
         )
 

@@ -200,8 +200,8 @@ class ShardWriter:
         return meta
 
 
-#: Bumped when what ``ehr_stats.json`` holds changes (2: static features standardised too); part
-#: of the cache fingerprint, so an older cache is rebuilt by ``train`` and refused by ``evaluate``.
+#: Bumped when what ``ehr_stats.json`` holds changes (2: continuous static features standardised);
+#: part of the cache fingerprint, so an older cache is rebuilt by ``train``, refused by ``evaluate``.
 EHR_STATS_VERSION = 2
 
 
@@ -209,11 +209,12 @@ def ehr_train_stats(cache_dir: str | Path, manifest: pd.DataFrame, num_variables
     """Mean / std fitted on the train split (streamed by shard), for the store to standardise with.
 
     ``mean`` / ``std``: per time-series variable, over its observed values. ``static_mean`` /
-    ``static_std``: per static feature (age, sex, admission type), over the train stays with EHR.
-    The static features are standardised too because age is stored in centuries (mean 0.64, sd
-    0.16): left so, a head learned almost none of its effect on the outcome (issue 12; the
-    heads' EHR attributions had no slope in age where the synthetic truth has 0.3 per 15 years).
-    A constant static column (an admission type the train split never has) keeps std 1.
+    ``static_std``: per static feature, over the train stays with EHR, for the continuous ones
+    (age); a 0/1 indicator (sex, admission type) keeps mean 0 and std 1, i.e. stays 0/1, so a
+    rare category is not blown up to several units. Age is standardised because it is stored in
+    centuries (mean 0.64, sd 0.16): left so, a head learned almost none of its effect on the
+    outcome (issue 12; the heads' EHR attributions had no slope in age where the synthetic truth
+    has 0.3 per 15 years).
     """
     total = np.zeros(num_variables)
     sq = np.zeros(num_variables)
@@ -244,7 +245,8 @@ def ehr_train_stats(cache_dir: str | Path, manifest: pd.DataFrame, num_variables
     if statics and sum(len(a) for a in statics):
         s = np.concatenate(statics)  # (N_train, S)
         s_mean, s_std = s.mean(0), s.std(0)
-        s_std[s_std < 1e-6] = 1.0
+        keep = np.isin(s, (0.0, 1.0)).all(0) | (s_std < 1e-6)  # indicators and constants as is
+        s_mean[keep], s_std[keep] = 0.0, 1.0
         out["static_mean"] = s_mean.astype(np.float32).tolist()
         out["static_std"] = s_std.astype(np.float32).tolist()
     return out

@@ -163,7 +163,7 @@ def _name(key: str) -> str:
     if key in ("seed", "targets_version"):
         return key
     if key == "ehr_stats_version":
-        return "EHR scaling version (2: static features standardised)"
+        return "EHR scaling version (2: age standardised)"
     if key == "notes_tokenizer":
         return "notes tokenizer"
     return f"data.{key}"
