@@ -124,11 +124,21 @@ def print_attribution_headline(tables: dict) -> None:
         )
     faith = tables.get("faithfulness")
     if faith is not None and len(faith):
-        shap = faith[faith["method"] == "shapley"]
-        print(
-            "faithfulness (Shapley): "
-            + ", ".join(f"{r.metric} {r.value:.2f} (n={r.n_stays})" for r in shap.itertuples())
-        )
+        # the headline figures only; every group, the secondary figures and each modality's
+        # agreement with the ideal observer are in the report and its tables
+        shap = faith[faith["method"] == "shapley"].set_index("metric")
+        parts = []
+        if "single_factor_carrier_top1_abs" in shap.index:
+            r = shap.loc["single_factor_carrier_top1_abs"]
+            parts.append(
+                f"carrier first on single-factor stays {r.value:.2f} "
+                f"[{r.ci_low:.2f}, {r.ci_high:.2f}] (n={r.n_stays})"
+            )
+        if "spearman_pooled_observer" in shap.index:
+            r = shap.loc["spearman_pooled_observer"]
+            parts.append(f"rank correlation with the ideal observer {r.value:.2f}")
+        if parts:
+            print("faithfulness (Shapley): " + "; ".join(parts) + " (the rest: attribution report)")
 
 
 def main(argv: list[str] | None = None) -> int:

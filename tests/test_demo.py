@@ -39,6 +39,8 @@ def test_demo_runs_every_step_and_prints_where_results_are(tmp_path, monkeypatch
         assert path.exists(), path
         assert str(path) in printed
     assert "oracle (true risk)" in printed and "mean |Shapley|" in printed
+    line = next(ln for ln in printed.splitlines() if ln.startswith("faithfulness (Shapley)"))
+    assert len(line) < 200 and "rank correlation with the ideal observer" in line
     assert printed.count("MLflow run:") == 2
 
     # a second run reuses the corpus and the cache, and trains new runs
