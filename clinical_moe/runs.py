@@ -128,8 +128,7 @@ def resolve_run(ref: str, tracking_uri: str | None = None) -> str:
 def check_ehr_scaling(state: dict, data, run: str) -> None:
     """Refuse a run whose weights expect other EHR input scaling than the cache gives.
 
-    A checkpoint without ``ehr_scaling`` was written before the static EHR features were
-    standardised (scaling 1). Its cache was rebuilt since (the fingerprint changed), so the
+    A checkpoint without ``ehr_scaling`` was written before age was standardised (scaling 1). Its cache was rebuilt since (the fingerprint changed), so the
     model would now read age in standard deviations where it learned centuries, silently.
     """
     if "ehr" not in data.modalities:
@@ -142,8 +141,7 @@ def check_ehr_scaling(state: dict, data, run: str) -> None:
         raise StaleCacheError(
             f"run {run} was trained on EHR inputs with scaling version {trained} and its cache "
             f"{data.train.store.cache_dir} now gives version {now} (2: age standardised on the "
-            "train split); retrain the run, or evaluate it on the cache it "
-            "was trained on"
+            "train split); retrain the run, or evaluate it on the cache it was trained on"
         )
 
 

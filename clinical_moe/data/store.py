@@ -117,8 +117,9 @@ class CacheStore:
     @property
     def ehr_scaling(self) -> int:
         """How the store scales EHR inputs: 2 = time series and continuous static features (age)
-        standardised on the train split, 1 = time series only (caches before ``EHR_STATS_VERSION`` 2), 0 = none.
-        A model expects the scaling it was trained with (``clinical_moe.runs.load_run`` checks)."""
+        standardised on the train split, 1 = time series only (caches before
+        ``EHR_STATS_VERSION`` 2), 0 = none. A model expects the scaling it was trained with
+        (``clinical_moe.runs.load_run`` checks)."""
         stats = self.ehr_stats
         return 2 if "static_mean" in stats else 1 if stats else 0
 
