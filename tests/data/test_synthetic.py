@@ -423,12 +423,15 @@ def test_sample_truth_matches_the_written_truth(tables):
     fast = sample_truth(N_PATIENTS, seed=SEED)
     written = tables["truth_stays"]
     assert list(fast.columns) == list(written.columns)
-    # observed_risk: sample_truth renders no study, so its per-study CXR findings are stand-in
-    # draws; the ceiling agrees exactly wherever no CXR is present (issue 12)
-    no_cxr = (written["n_cxr"] == 0).to_numpy()
+    # observed_risk: sample_truth renders no study and no report, so its CXR findings, ECG heart
+    # rates and note bands are stand-in draws; the ceiling agrees exactly wherever a stay has none
+    # of them (issue 12)
+    bare = (written[["n_cxr", "n_ecg", "n_notes"]].sum(axis=1) == 0).to_numpy()
+    assert bare.sum() >= 10
     np.testing.assert_allclose(
-        fast["observed_risk"].to_numpy()[no_cxr], written["observed_risk"].to_numpy()[no_cxr]
+        fast["observed_risk"].to_numpy()[bare], written["observed_risk"].to_numpy()[bare]
     )
+    assert not np.allclose(fast["observed_risk"], written["observed_risk"])
     assert np.isfinite(written["observed_risk"]).all()
     pd.testing.assert_frame_equal(
         fast.reset_index(drop=True).drop(columns="observed_risk"),
@@ -437,6 +440,56 @@ def test_sample_truth_matches_the_written_truth(tables):
         check_exact=False,
         rtol=1e-9,
     )
+
+
+def test_the_truth_records_what_each_radiology_report_says(tables):
+    """``band`` and ``mentions_*`` in truth/studies are the report's own wording (issue 12).
+
+    The observer's attributions read them, so a drift between the text and these columns would
+    score the heads against evidence they never saw.
+    """
+    from clinical_moe.data.synthetic.notes_text import INDICATIONS
+
+    notes = tables["truth_studies"]
+    notes = notes[notes["modality"] == "notes"].set_index("note_id")
+    text = tables["mimic-iv-note/note/radiology.csv.gz"].set_index("note_id")["text"]
+    assert len(notes) == len(text) > 50 and set(notes.index) == set(text.index)
+    bands = notes["band"].astype(int)
+    assert set(bands) == {0, 1, 2}
+    for note_id, band in bands.items():
+        said = text[note_id].split("INDICATION:", 1)[1]
+        assert any(phrase in said for phrase in INDICATIONS[band]), (note_id, band)
+    chest = notes[notes["mentions_opacity"].notna()]
+    assert 0 < len(chest) < len(notes)  # other exams have no mentions
+    yes = lambda c: chest[c].astype(str).str.lower().isin(["true", "1"])  # noqa: E731
+    says_opacity = text[chest.index].str.contains("opacity, concerning for pneumonia")
+    says_effusion = text[chest.index].str.contains(r"Small \w+ pleural effusion\.")
+    assert yes("mentions_opacity").any() and yes("mentions_effusion").any()
+    assert (says_opacity == yes("mentions_opacity")).all()
+    assert (says_effusion == yes("mentions_effusion")).all()
+
+
+def test_the_observer_reads_the_recorded_reports(corpus, tables):
+    """A written corpus has no stand-in channel left, and its report bands move the ceiling."""
+    from clinical_moe.data.synthetic.observer import ceiling_risk, evidence_from_truth
+
+    stays, studies = tables["truth_stays"], tables["truth_studies"]
+    ev = evidence_from_truth(stays, studies)
+    assert ev.stand_ins == ()
+    np.testing.assert_array_equal(ev.bands.sum(1), stays["n_notes"].to_numpy())
+    assert (ev.mentions.sum(1) == stays["n_cxr"].clip(upper=3)).all()
+    # the notes-only pattern (EHR hidden): reports read as critical raise the ceiling
+    rows = (stays["n_notes"] > 0).to_numpy()
+    shown = np.zeros((int(rows.sum()), 4), bool)
+    shown[:, 3] = True
+
+    def notes_only(band) -> np.ndarray:
+        ev = evidence_from_truth(stays[rows], studies.assign(band=band))
+        return ceiling_risk(ev, shown, "pattern", pattern=["notes"])[0]
+
+    recorded = notes_only(studies["band"])
+    assert (notes_only(2) > notes_only(0) + 0.05).all()
+    assert not np.allclose(recorded, notes_only(1))
 
 
 def _tree(root: Path) -> dict[str, bytes]:

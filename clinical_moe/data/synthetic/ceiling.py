@@ -36,11 +36,14 @@ correlations between admissions of one patient (survival of an earlier admission
 about age). Each of these carries at most a sliver of information once the main channels are in,
 so the posterior is the ceiling up to that sliver (and the exact-EHR choice errs upwards).
 
-Stand-in draws: the note bands and mentions are not recorded in the truth tables, and
-:func:`~clinical_moe.data.synthetic.truth.sample_truth` plans no studies. Those channels are
-drawn from their exact generative distribution with keyed random numbers (a pure function of
-the stay or study id): the posterior is then exact for an observation distributed exactly as
-the real one, so the ceiling *AUROC* is the same in distribution, not stay by stay.
+Recorded, or drawn as stand-ins: a written corpus records every channel in ``truth/studies``
+(CXR findings and devices per study, the ECG heart rate, and per radiology report its indication's
+severity band and whether it names the opacity / effusion), so the posterior is exact stay by
+stay. :func:`~clinical_moe.data.synthetic.truth.sample_truth` renders nothing, and corpora written
+before the reports' facts were recorded lack them: those channels are drawn from their exact
+generative distribution with keyed random numbers (a pure function of the stay or study id), and
+the posterior is then exact for an observation distributed like the real one, so the ceiling
+*AUROC* is the same in distribution, not stay by stay (``Evidence.stand_ins`` names them).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Radiology reports are charted at the study time: their indication and device wor
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
@@ -60,9 +62,25 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
     return options[int(rng.integers(0, len(options)))]
 
 
+class RadiologyReport(NamedTuple):
+    """A radiology report and what it reveals (recorded in ``truth/studies`` for the observer).
+
+    Attributes:
+        text: The report.
+        band: Severity band of its indication (0 mild, 1 moderate, 2 critical).
+        mentions_opacity: The report names the opacity (None for a non-chest exam).
+        mentions_effusion: The report names the effusion (None for a non-chest exam).
+    """
+
+    text: str
+    band: int
+    mentions_opacity: bool | None = None
+    mentions_effusion: bool | None = None
+
+
 def radiology_text(
     rng: np.random.Generator, ev: dict, findings: dict | None, procedure: str | None, gender: str
-) -> str:
+) -> RadiologyReport:
     """A radiology report. ``findings`` is None for non-chest exams."""
     who = "man" if gender == "M" else "woman"
     band = _band(rng, ev["severity"])
@@ -84,7 +102,7 @@ def radiology_text(
             "",
             normal,
         ]
-        return "\n".join(lines)
+        return RadiologyReport("\n".join(lines), band)
     side = "right" if findings["opacity_side"] == 0 else "left"
     lines += [
         f"EXAMINATION:  {procedure or 'CHEST (PORTABLE AP)'}",
@@ -105,7 +123,8 @@ def radiology_text(
     if findings["devices"] or (band == 2 and rng.random() < 0.5):
         body += [d for d in DEVICES if rng.random() < 0.7] or DEVICES[:1]
         impression.append("Lines and tubes in standard position.")
-    if findings["opacity"] and rng.random() < 0.65:
+    says_opacity = bool(findings["opacity"] and rng.random() < 0.65)
+    if says_opacity:
         body.append(f"Patchy opacity in the {side} lower lobe, concerning for pneumonia.")
         impression.append(f"{side.capitalize()} lower lobe opacity, concerning for pneumonia.")
     elif findings["atelectasis"]:
@@ -121,7 +140,8 @@ def radiology_text(
                 ],
             )
         )
-    if findings["effusion"] and rng.random() < 0.7:
+    says_effusion = bool(findings["effusion"] and rng.random() < 0.7)
+    if says_effusion:
         where = ["right", "left", "bilateral"][findings["effusion_side"]]
         body.append(f"Small {where} pleural effusion.")
         impression.append(f"Small {where} pleural effusion.")
@@ -135,7 +155,8 @@ def radiology_text(
         impression.append(
             _pick(rng, ["No acute cardiopulmonary process.", "No acute intrathoracic process."])
         )
-    return "\n".join(lines + [" ".join(body), "", "IMPRESSION: ", "", " ".join(impression)])
+    text = "\n".join(lines + [" ".join(body), "", "IMPRESSION: ", "", " ".join(impression)])
+    return RadiologyReport(text, band, says_opacity, says_effusion)
 
 
 def discharge_text(rng: np.random.Generator, adm: dict, gender: str) -> str:
@@ -237,7 +258,7 @@ def notes_shard(
         note_id = f"{sid}-RR-{seq[key]}"
         findings = findings_by_study.get(rec["study_id"]) if rec["kind"] == "cxr" else None
         procedure = findings.get("procedure") if findings else None
-        text = radiology_text(rng, rec, findings, procedure, gender[sid])
+        report = radiology_text(rng, rec, findings, procedure, gender[sid])
         hadm = rec["hadm_id"] if rng.random() > 0.1 else None
         rad.append(
             {
@@ -248,7 +269,7 @@ def notes_shard(
                 "note_seq": seq[key],
                 "charttime": time // 60 * 60,
                 "storetime": time + int(rng.uniform(0.3, 8) * HOUR),
-                "text": text,
+                "text": report.text,
             }
         )
         truth.append(
@@ -262,6 +283,9 @@ def notes_shard(
                 "stay_id": rec["stay_id"],
                 "time": time // 60 * 60,
                 "in_window": rec["in_window"],
+                "band": report.band,
+                "mentions_opacity": report.mentions_opacity,
+                "mentions_effusion": report.mentions_effusion,
             }
         )
     tables = {}

@@ -6,10 +6,11 @@ table into the :class:`~clinical_moe.data.synthetic.ceiling.Evidence` the poster
 (natural, fixed pattern, MCAR with the at-least-one rescue, MAR, MNAR on the label);
 :func:`add_observed_risk` writes the natural-missingness ceiling as ``observed_risk``.
 
-Why stand-in draws (see :mod:`.ceiling`): the note bands and mentions are never recorded, and
-without ``truth/studies`` (``sample_truth``) neither are the per-study CXR findings, devices and
-the ECG heart rate. They are drawn from their generative distribution with random numbers keyed
-by stay / study id (``missingness.stay_uniforms``), so the result is deterministic.
+Stand-in draws (see :mod:`.ceiling`): a corpus written now records every channel in
+``truth/studies``. Without that table (``sample_truth``) the per-study CXR findings, devices and
+ECG heart rate are drawn; a table from before the reports' facts were recorded (no ``band``
+column) has the note bands and mentions drawn. The draws use random numbers keyed by stay /
+study id (``missingness.stay_uniforms``), so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -103,21 +104,20 @@ def _recorded_studies(stays: pd.DataFrame, studies: pd.DataFrame) -> dict[str, n
     return {"findings": findings, "devices": devices, "hr": hr, "ops": ops, "efs": efs}
 
 
-def evidence_from_truth(stays: pd.DataFrame, studies: pd.DataFrame | None = None) -> cl.Evidence:
-    """What each modality of each stay reveals (see :mod:`.ceiling`), from the truth tables.
+def _mention_counts(mo: np.ndarray, me: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Chest reports per (opacity, effusion) mention type of ``FINDING_TYPES``, ``int[n, 4]``."""
+    out = np.zeros((n, 4), int)
+    np.add.at(out, (rows, np.select([mo & me, mo, me], [0, 1, 2], 3)), 1)
+    return out
 
-    Args:
-        stays: ``truth/stays`` rows.
-        studies: ``truth/studies`` rows; None draws the per-study channels as stand-ins.
+
+def _stand_in_notes(stays: pd.DataFrame, ids: np.ndarray, per: dict) -> tuple[np.ndarray, ...]:
+    """Note bands ``[N, 3]`` and chest-report mentions ``[N, 4]`` drawn from the note generator.
+
+    For corpora written before the reports' facts were recorded, and for :func:`sample_truth`.
     """
-    ids = stays["stay_id"].to_numpy(np.int64)
     n = len(ids)
     sev = stays["severity"].to_numpy(float)
-    if studies is None or not len(studies):
-        per, stand = _stand_in_studies(stays, ids), ("cxr findings", "ecg heart rate")
-    else:
-        per, stand = _recorded_studies(stays, studies), ()
-    # notes: a band per note, mentions per chest report (never recorded: stand-ins)
     n_notes = stays["n_notes"].to_numpy(int)
     kn = max(1, int(n_notes.max(initial=0)))
     z = norm.ppf(np.clip(stay_uniforms(ids, 0, kn, "ceiling_bands"), 1e-12, 1 - 1e-12))
@@ -128,10 +128,51 @@ def evidence_from_truth(stays: pd.DataFrame, studies: pd.DataFrame | None = None
     um = stay_uniforms(ids, 0, 2 * K_MAX, "ceiling_mentions").reshape(n, K_MAX, 2)
     mo = per["ops"] & (um[..., 0] < cl.MENTION_P["opacity"])
     me = per["efs"] & (um[..., 1] < cl.MENTION_P["effusion"])
+    rep = np.arange(K_MAX)[None, :] < np.minimum(stays["n_cxr"].to_numpy(int), K_MAX)[:, None]
+    rows = np.broadcast_to(np.arange(n)[:, None], rep.shape)
+    return bands, _mention_counts(mo[rep], me[rep], rows[rep], n)
+
+
+def _recorded_notes(stays: pd.DataFrame, studies: pd.DataFrame) -> tuple[np.ndarray, ...] | None:
+    """Note bands ``[N, 3]`` and chest-report mentions ``[N, 4]`` read from ``truth/studies``.
+
+    The in-window radiology reports of each stay, exactly as written. None when the table
+    predates the ``band`` column (the caller then draws stand-ins).
+    """
+    if "band" not in studies:
+        return None
+    n = len(stays)
+    pos = pd.Series(np.arange(n), index=stays["stay_id"].to_numpy(np.int64))
+    win = studies[studies["in_window"].astype(str).str.lower().isin(["true", "1"])]
+    notes = win[(win["modality"] == "notes") & win["stay_id"].notna() & win["band"].notna()]
+    row = pos.reindex(notes["stay_id"].astype("int64").to_numpy()).to_numpy()
+    ok = np.isfinite(row)
+    notes, row = notes[ok], row[ok].astype(int)
+    bands = np.zeros((n, 3), int)
+    np.add.at(bands, (row, notes["band"].astype(int).to_numpy()), 1)
+    chest = notes["mentions_opacity"].notna().to_numpy()
+    b = lambda c: notes[c].astype(str).str.lower().isin(["true", "1"]).to_numpy()[chest]  # noqa: E731
+    return bands, _mention_counts(b("mentions_opacity"), b("mentions_effusion"), row[chest], n)
+
+
+def evidence_from_truth(stays: pd.DataFrame, studies: pd.DataFrame | None = None) -> cl.Evidence:
+    """What each modality of each stay reveals (see :mod:`.ceiling`), from the truth tables.
+
+    Args:
+        stays: ``truth/stays`` rows.
+        studies: ``truth/studies`` rows; None draws the per-study channels as stand-ins.
+    """
+    ids = stays["stay_id"].to_numpy(np.int64)
+    sev = stays["severity"].to_numpy(float)
+    if studies is None or not len(studies):
+        per, stand = _stand_in_studies(stays, ids), ("cxr findings", "ecg heart rate")
+    else:
+        per, stand = _recorded_studies(stays, studies), ()
+    notes = None if studies is None or not len(studies) else _recorded_notes(stays, studies)
+    if notes is None:
+        notes, stand = _stand_in_notes(stays, ids, per), ("note bands", "note mentions", *stand)
+    bands, mentions = notes
     n_cxr = stays["n_cxr"].to_numpy(int)
-    rep = np.arange(K_MAX)[None, :] < np.minimum(n_cxr, K_MAX)[:, None]
-    mtype = np.select([mo & me, mo, me], [0, 1, 2], 3)
-    mentions = np.stack([((mtype == t) & rep).sum(1) for t in range(4)], 1)
     natural = np.stack([stays[f"has_{m}"].to_numpy(int) > 0 for m in cl.MODALITIES], 1)  # (N, 4)
     return cl.Evidence(
         stay_id=ids,
@@ -147,7 +188,7 @@ def evidence_from_truth(stays: pd.DataFrame, studies: pd.DataFrame | None = None
         hr=per["hr"],
         bands=bands,
         mentions=mentions,
-        stand_ins=("note bands", "note mentions", *stand),
+        stand_ins=tuple(stand),
     )
 
 

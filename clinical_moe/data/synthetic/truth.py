@@ -66,6 +66,9 @@ STUDY_COLUMNS = [
     "wide_qrs",
     "af",
     "hr",
+    "band",  # radiology reports: severity band of the indication (0 mild, 1 moderate, 2 critical)
+    "mentions_opacity",  # chest reports: the text names the opacity
+    "mentions_effusion",  # chest reports: the text names the effusion
 ]
 
 
@@ -127,7 +130,7 @@ def stays_truth(plan: ShardPlan) -> pd.DataFrame:
 def studies_truth(rows: list[dict]) -> pd.DataFrame:
     """Per-study truth rows (CXR images, ECGs, radiology notes) with what each one shows."""
     df = pd.DataFrame(rows, columns=STUDY_COLUMNS)
-    for c in ("study_id", "hadm_id", "stay_id", "bits_stored"):
+    for c in ("study_id", "hadm_id", "stay_id", "bits_stored", "band"):
         df[c] = pd.array([None if v is None or v != v else int(v) for v in df[c]], dtype="Int64")
     df["time"] = fmt_datetime(df["time"].tolist())
     return df
@@ -146,8 +149,9 @@ def sample_truth(n_patients: int, seed: int, **config) -> pd.DataFrame:
             ``window_hours``).
 
     Returns:
-        The ``truth/stays`` table. Its ``observed_risk`` uses stand-in draws of the per-study
-        channels (nothing is rendered), so it equals a written corpus's in distribution only.
+        The ``truth/stays`` table. Its ``observed_risk`` uses stand-in draws of the per-study and
+        per-report channels (nothing is rendered), so it equals a written corpus's in
+        distribution only.
     """
     cfg = SynthConfig(n_patients=n_patients, seed=seed, **config)
     cfg.validate()
