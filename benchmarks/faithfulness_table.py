@@ -36,7 +36,25 @@ def _table(folder: Path, name: str) -> pd.DataFrame | None:
     return None
 
 
-def head_rows(tables: Path, truth: Path, n_boot: int, seed: int) -> pd.DataFrame:
+def train_dropout(work: Path, head: str, n_patients: int, seed: int, given: float | None) -> float:
+    """The head's ``train.modality_dropout``: ``given``, else its checkpoint's ``config.yaml``.
+
+    The ideal observer plays the game under the head's training mechanism, so the rate must be
+    the run's own (:mod:`clinical_moe.attribution.observer`).
+    """
+    if given is not None:
+        return given
+    import yaml
+
+    cfg = work / "checkpoints" / f"{head}-n{n_patients}-s{seed}" / "config.yaml"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} is missing: pass --dropout (the heads' train rate)")
+    return float(yaml.safe_load(cfg.read_text())["train"]["modality_dropout"])
+
+
+def head_rows(
+    tables: Path, truth: Path, n_boot: int, seed: int, dropout: float = 0.0
+) -> pd.DataFrame:
     """The faithfulness rows of one head's saved tables against one corpus's truth."""
     from clinical_moe.attribution import faithfulness
 
@@ -45,7 +63,8 @@ def head_rows(tables: Path, truth: Path, n_boot: int, seed: int) -> pd.DataFrame
         raise FileNotFoundError(f"no per_stay table in {tables}")
     mods = tuple(c[4:] for c in per.columns if c.startswith("has_"))
     inter = _table(tables, "interactions")
-    return faithfulness(per, truth, mods, inter, n_boot=n_boot, seed=seed)["faithfulness"]
+    out = faithfulness(per, truth, mods, inter, n_boot=n_boot, seed=seed, dropout=dropout)
+    return out["faithfulness"]
 
 
 def faithfulness_targets(table: pd.DataFrame) -> dict:
@@ -88,6 +107,12 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", nargs="+", default=None, help="default: every attributed head")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--out-csv", default=None, help="default: WORK/faithfulness-n<N>.csv")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="the heads' train.modality_dropout (default: each run's WORK/checkpoints config)",
+    )
     args = p.parse_args(argv)
     work = Path(args.work)
     frames = []
@@ -96,7 +121,8 @@ def main(argv=None) -> dict:
         truth = work / f"corpus-n{args.n_patients}-s{seed}" / "truth"
         heads = args.heads or sorted(d.name for d in root.iterdir() if (d / "tables").is_dir())
         for head in heads:
-            rows = head_rows(root / head / "tables", truth, args.bootstrap, seed)
+            rate = train_dropout(work, head, args.n_patients, seed, args.dropout)
+            rows = head_rows(root / head / "tables", truth, args.bootstrap, seed, rate)
             frames.append(rows.assign(seed=seed, head=head))
             # the per-seed table bench_quality's summary reads
         seed_rows = pd.concat([f for f in frames if (f["seed"] == seed).all()])

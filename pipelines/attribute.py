@@ -205,7 +205,25 @@ def attribute(
         quiet=quiet,
     )
     truth, reason = find_truth(dataset.store.summary)
-    tables.update(faithfulness(tables["per_stay"], truth, mods, tables["interactions"], reason))
+    train = loaded.cfg.train
+    if truth is not None and train.single_modality_rate > 0:
+        log.warning(
+            "the ideal observer models train.modality_dropout=%s but not "
+            "train.single_modality_rate=%s: faithfulness reads the head against a slightly "
+            "different training mechanism",
+            train.modality_dropout,
+            train.single_modality_rate,
+        )
+    tables.update(
+        faithfulness(
+            tables["per_stay"],
+            truth,
+            mods,
+            tables["interactions"],
+            reason,
+            dropout=train.modality_dropout,
+        )
+    )
     if probe_train > 0:
         from clinical_moe.attribution.probe import probe_encoders
 

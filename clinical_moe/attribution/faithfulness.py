@@ -238,6 +238,7 @@ def faithfulness(
     min_n: int = MIN_N,
     n_boot: int = N_BOOT,
     seed: int = 0,
+    dropout: float = 0.0,
 ) -> dict[str, pd.DataFrame]:
     """Faithfulness figures of every attribution method in ``per_stay``.
 
@@ -252,6 +253,8 @@ def faithfulness(
         min_n: Target group size; smaller groups are flagged.
         n_boot: Bootstrap resamples of every CI.
         seed: Bootstrap seed.
+        dropout: The attributed model's ``train.modality_dropout``: the ideal observer plays
+            the game under the mechanism the head was trained on (:mod:`.observer`).
 
     Returns:
         ``faithfulness`` (:data:`SUMMARY_COLUMNS`), ``faithfulness_groups`` (the definitions
@@ -334,7 +337,7 @@ def faithfulness(
     for r in rows:  # everything above is against the linear split
         r["note"] = "; ".join(x for x in ("secondary (linear-split truth)", r["note"]) if x)
     obs_cols: list[str] = []
-    obs, why = observer_attributions(truth_dir, df[["stay_id", *has_cols]], modalities)
+    obs, why = observer_attributions(truth_dir, df[["stay_id", *has_cols]], modalities, dropout)
     if obs is not None:
         obs_cols = [c for c in obs if c != "stay_id"]
         df = df.merge(obs, on="stay_id", how="left")

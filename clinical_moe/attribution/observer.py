@@ -6,9 +6,20 @@ The heads' modality Shapley values (:mod:`.shapley`) explain the game
 model that decodes every shown modality perfectly: ``v*_b(S) = logit P(y = 1 | what the
 modalities in S reveal, S shown)``, in closed form from the generative story
 (:func:`clinical_moe.data.synthetic.ceiling.posterior_risk`; what each modality reveals is
-documented there). "Not in S" carries no information (the ceiling's fixed-pattern transition:
-a hidden modality may or may not exist), exactly as a removed modality is "not seen" in the
-heads' game, and ``v*({})`` is the cohort's prevalence, the heads' own baseline.
+documented there), and ``v*({})`` is the cohort's prevalence, the heads' own baseline.
+
+What "not in S" says is the one choice, and it must be the heads' own. A head shows a removed
+modality through its missing path, and that path learned from every training row where the
+modality was missing: the naturally absent ones (informative in MIMIC: an ECG is ordered for a
+reason) and the ones train-time modality dropout hid (``train.modality_dropout`` = r, each
+present modality dropped w.p. r, at least one kept). So the Bayes-optimal model of the *head's*
+training distribution, scored on the coalition S, is the ceiling under exactly that mechanism:
+natural presence, then MCAR(r) with the at-least-one rescue (``dropout=r`` here; the ceiling's
+``mcar`` transition). Scoring a head trained with r = 0.3 against an observer for whom a hidden
+modality says nothing made every head's EHR-only value look 0.3 log-odds too low (issue 12):
+the head had correctly learned that a missing ECG is usually a natural absence.
+``dropout=0`` keeps the presence-blind game (a hidden modality may or may not exist, its
+absence says nothing), the only defined one for a head never trained with hidden modalities.
 
 From the ``2^M`` values per stay this module returns, per present modality,
 
@@ -42,19 +53,27 @@ from scipy.special import expit, logit
 NEEDS = ("age", "in_ihm48", "n_cxr", "n_notes", "has_ehr", "has_cxr", "has_ecg", "has_notes")
 
 
-def coalition_values(ev, has: np.ndarray, modalities: tuple[str, ...]) -> dict[tuple, np.ndarray]:
+def coalition_values(
+    ev, has: np.ndarray, modalities: tuple[str, ...], dropout: float = 0.0
+) -> dict[tuple, np.ndarray]:
     """``v*(S)`` (log-odds) for every coalition ``S`` (a 0/1 tuple over ``modalities``).
 
     Args:
         ev: :class:`~clinical_moe.data.synthetic.ceiling.Evidence` of the stays.
         has: ``bool[N, M]`` presence of the stays in model order.
         modalities: Model modalities (a subset of the ceiling's).
+        dropout: The head's train-time modality dropout rate r: a hidden modality is then
+            naturally absent or dropped w.p. r (at least one kept), as in its training. 0: a
+            hidden modality says nothing (see the module docstring).
 
     Returns:
-        ``{bits: float64[N]}``; ``v*(S)`` equals ``v*(S ∩ present)`` by construction.
+        ``{bits: float64[N]}``; ``v*(S)`` equals ``v*(S ∩ present)`` by construction. The empty
+        coalition is the cohort's prior risk under either game (no row is ever shown nothing).
     """
     from clinical_moe.data.synthetic import ceiling as cl
 
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     cols = [cl.MODALITIES.index(m) for m in modalities]
     visible = np.zeros(4, bool)
     visible[cols] = True
@@ -62,8 +81,12 @@ def coalition_values(ev, has: np.ndarray, modalities: tuple[str, ...]) -> dict[t
     for bits in itertools.product((0, 1), repeat=len(modalities)):
         shown = np.zeros((len(has), 4), bool)
         shown[:, cols] = has & np.array(bits, bool)[None, :]  # (N, 4)
-        rates = 1.0 - shown.astype(float)  # hidden = dropped for sure: its absence says nothing
-        t = cl.transition(shown, ev.natural[:, 0], rates, False, visible)  # (N, 8)
+        # hidden = dropped for sure: its absence says nothing
+        t = cl.transition(shown, ev.natural[:, 0], 1.0 - shown.astype(float), False, visible)
+        if dropout > 0:  # the head's training: natural presence, then MCAR(r) with rescue
+            rates = np.broadcast_to(np.where(visible, dropout, 0.0), (len(has), 4))
+            mech = cl.transition(shown, ev.natural[:, 0], rates, True, visible)  # (N, 8)
+            t = np.where(shown.any(1, keepdims=True), mech, t)  # nothing shown: the prior
         risk = np.clip(cl.posterior_risk(ev, shown, t), 1e-12, 1 - 1e-12)
         out[bits] = logit(risk)
     return out
@@ -104,7 +127,10 @@ def interaction_index(values: dict[tuple, np.ndarray], i: int, j: int, num: int)
 
 
 def observer_attributions(
-    truth_dir: str | Path, present: pd.DataFrame, modalities: tuple[str, ...]
+    truth_dir: str | Path,
+    present: pd.DataFrame,
+    modalities: tuple[str, ...],
+    dropout: float = 0.0,
 ) -> tuple[pd.DataFrame | None, str]:
     """The ideal observer's attributions of the stays in ``present`` (see the module docstring).
 
@@ -112,6 +138,7 @@ def observer_attributions(
         truth_dir: The corpus's ``truth/`` folder (``stays.csv.gz``, optional ``studies.csv.gz``).
         present: ``stay_id`` + ``has_<m>`` (model order) of the attributed stays.
         modalities: Model modalities.
+        dropout: The attributed head's ``train.modality_dropout`` (see :func:`coalition_values`).
 
     Returns:
         ``(table or None, reason)``: ``stay_id``, ``observer_shapley_<m>``,
@@ -139,7 +166,7 @@ def observer_attributions(
         studies = studies[studies["stay_id"].isin(p["stay_id"])]
     has = p[[f"has_{m}" for m in modalities]].to_numpy(bool)  # (N, M)
     ev = evidence_from_truth(rows, studies).with_natural(has, modalities)
-    values = coalition_values(ev, has, modalities)
+    values = coalition_values(ev, has, modalities, dropout)
     num = len(modalities)
     phi = np.where(has, shapley_from_values(values, num), 0.0)  # (N, M)
     full = values[(1,) * num]

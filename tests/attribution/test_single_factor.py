@@ -156,6 +156,33 @@ def test_observer_shapley_is_efficient_and_scores_itself_one(truth_dir):
     assert legacy.startswith("secondary")
 
 
+def test_the_observer_plays_the_game_of_the_heads_training_mechanism(truth_dir):
+    """``dropout=r``: each coalition is the ceiling under natural presence + MCAR(r) (issue 12).
+
+    That is the Bayes-optimal model of what a head trained with ``train.modality_dropout=r``
+    saw, so its value on the natural coalition is exactly the evaluation's MCAR(r) ceiling of
+    the natural mask; and a shown EHR with the other modalities hidden reads their absence as
+    mostly natural (lower risk), where the presence-blind game (r = 0) reads nothing into it.
+    """
+    from clinical_moe.attribution.observer import coalition_values
+    from clinical_moe.data.synthetic.observer import ceiling_risk, evidence_from_truth
+
+    stays = pd.read_csv(truth_dir / "stays.csv.gz")
+    has = stays[[f"has_{m}" for m in MODS]].to_numpy(bool)
+    ev = evidence_from_truth(stays).with_natural(has, MODS)
+    r = 0.3
+    mech, blind = coalition_values(ev, has, MODS, r), coalition_values(ev, has, MODS)
+    mcar, _ = ceiling_risk(ev, has, "mcar", rate=r)
+    np.testing.assert_allclose(mech[(1, 1, 1, 1)], logit(mcar), atol=1e-9)
+    assert not np.allclose(mech[(1, 1, 1, 1)], blind[(1, 1, 1, 1)])
+    np.testing.assert_allclose(mech[(0, 0, 0, 0)], blind[(0, 0, 0, 0)])  # the prior, both
+    assert all(np.isfinite(v).all() for v in mech.values())
+    ehr_only = (1, 0, 0, 0)
+    assert (mech[ehr_only] - blind[ehr_only]).mean() < -0.1
+    with pytest.raises(ValueError, match="dropout"):
+        coalition_values(ev, has, MODS, 1.0)
+
+
 def test_synergy_group_is_where_the_observer_sees_the_interaction(truth_dir):
     stays = pd.read_csv(truth_dir / "stays.csv.gz")
     present = stays[["stay_id", *[f"has_{m}" for m in MODS]]]
