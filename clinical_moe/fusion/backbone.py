@@ -116,6 +116,31 @@ def byte_keep_mask(
     return keep, 256.0 / (256 - thr)
 
 
+class _MaskedResidual(torch.autograd.Function):
+    """``h + scale * x * keep`` (``keep`` a 0/1 mask of ``x``'s shape, ``h`` broadcastable to it).
+
+    The same forward as ``torch.addcmul(h, x, keep, value=scale)``, whose backward makes ``x``'s
+    gradient in two passes (``grad * keep``, then ``* scale``), each a fresh tensor of ``x``'s
+    size; here it is one ``addcmul`` onto a zero scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, h, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale, ctx.h_shape = scale, h.shape
+        return torch.addcmul(h, x, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        gh = gx = None
+        if ctx.needs_input_grad[0]:
+            gh = grad if grad.shape == ctx.h_shape else grad.sum_to_size(ctx.h_shape)
+        if ctx.needs_input_grad[1]:
+            gx = torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale)  # one pass
+        return gh, gx, None, None
+
+
 class Dropout(nn.Module):
     """:func:`byte_dropout` as a module (identity in eval mode); a drop-in for ``nn.Dropout``."""
 
@@ -134,11 +159,12 @@ class Dropout(nn.Module):
         return byte_dropout_unscaled(x, self.p) if self.training else (x, 1.0)
 
     def residual(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``h + self(x)`` with the dropout scale folded into the add (one pass fewer)."""
+        """``h + self(x)`` with the dropout scale folded into the add (one pass fewer), and a
+        backward that makes ``x``'s gradient in one pass (:class:`_MaskedResidual`)."""
         if not self.training:
             return h + x
         keep, scale = byte_keep_mask(x.shape, self.p, x.device, x.dtype)
-        return h + x if keep is None else torch.addcmul(h, x, keep, value=scale)
+        return h + x if keep is None else _MaskedResidual.apply(h, x, keep, scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

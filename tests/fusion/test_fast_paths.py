@@ -115,3 +115,21 @@ def test_byte_keep_mask_is_zero_one_at_the_rounded_rate():
     assert scale == 256 / 230
     assert byte_keep_mask((3, 4), 0.001) == (None, 1.0)  # rounds to 0: nothing dropped
     assert not byte_keep_mask((3, 4), 1.0)[0].any()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_masked_residual_backward_equals_addcmul(p):
+    """Dropout.residual's one-pass backward gives addcmul's gradients (h broadcast too)."""
+    h = torch.randn(1, 3, 5, 8, requires_grad=True)  # broadcast along the 4 groups
+    x = torch.randn(4, 3, 5, 8, requires_grad=True)
+    drop = Dropout(p).train()
+    torch.manual_seed(1)
+    got = drop.residual(h, x)
+    torch.manual_seed(1)
+    ref = h + byte_dropout(x, p)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn_like(ref)
+    g_got = torch.autograd.grad((got * w).sum(), (h, x))
+    g_ref = torch.autograd.grad((ref * w).sum(), (h, x))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
