@@ -82,8 +82,8 @@ def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         x: Any tensor.
         p: Drop probability in [0, 1].
     """
-    masked, scale = byte_dropout_unscaled(x, p)
-    return masked if scale == 1.0 else masked * scale
+    keep = byte_scaled_mask(x.shape, p, x.device, x.dtype)
+    return x if keep is None else x * keep  # one pass forward and backward
 
 
 def byte_dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
@@ -114,6 +114,19 @@ def byte_keep_mask(
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
     keep = words.view(torch.uint8)[:n].view(shape).to(dtype).sub_(thr - 1).clamp_(0.0, 1.0)
     return keep, 256.0 / (256 - thr)
+
+
+def byte_scaled_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    """:func:`byte_keep_mask` with the scale applied to the mask: ``0`` or ``scale`` per element
+    (None when nothing is dropped). Multiplying by it drops and scales in one pass, and the
+    product's backward is one pass too. Same random draws as :func:`byte_keep_mask`."""
+    keep, scale = byte_keep_mask(shape, p, device, dtype)
+    return keep if keep is None or scale == 1.0 else keep.mul_(scale)
 
 
 class _MaskedResidual(torch.autograd.Function):
@@ -267,8 +280,9 @@ class GroupedFFN(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        masked, scale = self.drop.unscaled(F.gelu(self.fc1(x, groups)))
-        return self.fc2(masked, groups, alpha=scale)  # the dropout scale folded into fc2
+        # the dropout as one multiply by a pre-scaled mask (byte_scaled_mask): an ``alpha`` on
+        # fc2 instead would cost its backward an extra pass over the hidden activations
+        return self.fc2(self.drop(F.gelu(self.fc1(x, groups))), groups)
 
 
 class GroupedBlock(nn.Module):

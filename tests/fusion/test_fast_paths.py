@@ -133,3 +133,13 @@ def test_masked_residual_backward_equals_addcmul(p):
     g_ref = torch.autograd.grad((ref * w).sum(), (h, x))
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_byte_scaled_mask_is_the_keep_mask_times_its_scale():
+    from clinical_moe.fusion.backbone import byte_keep_mask, byte_scaled_mask
+
+    torch.manual_seed(0)
+    keep, scale = byte_keep_mask((50, 40), 0.3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(byte_scaled_mask((50, 40), 0.3), keep * scale)
+    assert byte_scaled_mask((3, 4), 0.001) is None
