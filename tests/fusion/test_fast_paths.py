@@ -135,6 +135,54 @@ def test_masked_residual_backward_equals_addcmul(p):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("expanded", [False, True])
+@pytest.mark.parametrize("groups", [None, [2, 0]])
+def test_folded_layer_norm_equals_norm_then_linear(bias, expanded, groups):
+    """``GroupedLinear(x, norm=ln)`` (affine folded into the weights) equals ``lin(ln(x))`` in
+    value and in the gradients of the input and of all four parameters."""
+    torch.manual_seed(0)
+    ln, lin = GroupedLayerNorm(3, 8), GroupedLinear(3, 8, 6, bias=bias)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    sel = None if groups is None else torch.tensor(groups)
+    G = 3 if sel is None else len(groups)
+    x0 = torch.randn(1 if expanded else G, 4, 5, 8, requires_grad=True)
+    x = x0.expand(G, -1, -1, -1)  # stride 0 along the groups when expanded
+    got = lin(x, sel, norm=ln)
+    ref = lin(ln(x, sel), sel)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn_like(ref)
+    wrt = [x0, ln.weight, ln.bias, lin.weight] + ([lin.bias] if bias else [])
+    g_got = torch.autograd.grad((got * w).sum(), wrt)
+    g_ref = torch.autograd.grad((ref * w).sum(), wrt)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_grouped_block_equals_its_plain_composition():
+    """The block (norms folded into qkv / fc1) equals pre-LN attention + FFN written out."""
+    from clinical_moe.fusion.backbone import GroupedBlock
+
+    torch.manual_seed(0)
+    blk = GroupedBlock(3, 16, 4, 12).eval()
+    with torch.no_grad():
+        for ln in (blk.norm1, blk.norm2):
+            ln.weight.normal_()
+            ln.bias.normal_()
+    x = torch.randn(3, 2, 5, 16, requires_grad=True)
+    km = torch.ones(1, 2, 5, dtype=torch.bool)
+    km[0, 1, -2:] = False
+    h = x + blk.attn(blk.norm1(x), km)
+    ref = h + blk.ffn.fc2(F.gelu(blk.ffn.fc1(blk.norm2(h))))
+    got = blk(x, km)
+    torch.testing.assert_close(got, ref)
+    params = [x, *blk.parameters()]
+    for a, b in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
 def test_byte_scaled_mask_is_the_keep_mask_times_its_scale():
     from clinical_moe.fusion.backbone import byte_keep_mask, byte_scaled_mask
 
