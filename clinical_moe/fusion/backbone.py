@@ -86,7 +86,8 @@ class GroupedLinear(nn.Module):
             y = torch.bmm(xr, w) if alpha == 1.0 else torch.bmm(xr, w) * alpha  # (G, R, d_out)
         else:
             y = torch.baddbmm(b, xr, w, alpha=alpha)  # (G, R, d_out)
-        return y.reshape(*shape[:-1], d_out)  # (G, ..., d_out)
+        out = (*shape[:-1], d_out)  # (G, ..., d_out); y itself (not a view) for a 3-d x
+        return y if y.shape == out else y.reshape(out)
 
 
 def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -155,14 +156,19 @@ class _MaskedResidual(torch.autograd.Function):
 
     The same forward as ``torch.addcmul(h, x, keep, value=scale)``, whose backward makes ``x``'s
     gradient in two passes (``grad * keep``, then ``* scale``), each a fresh tensor of ``x``'s
-    size; here it is one ``addcmul`` onto a zero scalar.
+    size; here it is one ``addcmul`` onto a zero scalar. With ``inplace`` the sum is written
+    into ``x`` (marked dirty: autograd refuses the backward if anything saved ``x``), which
+    spares a fresh tensor of ``x``'s size, whose first touch costs more than the add itself.
     """
 
     @staticmethod
-    def forward(ctx, h, x, keep, scale):
+    def forward(ctx, h, x, keep, scale, inplace):
         ctx.save_for_backward(keep)
         ctx.scale, ctx.h_shape = scale, h.shape
-        return torch.addcmul(h, x, keep, value=scale)
+        if not inplace:
+            return torch.addcmul(h, x, keep, value=scale)
+        ctx.mark_dirty(x)
+        return torch.addcmul(h, x, keep, value=scale, out=x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -172,7 +178,7 @@ class _MaskedResidual(torch.autograd.Function):
             gh = grad if grad.shape == ctx.h_shape else grad.sum_to_size(ctx.h_shape)
         if ctx.needs_input_grad[1]:
             gx = torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale)  # one pass
-        return gh, gx, None, None
+        return gh, gx, None, None, None
 
 
 class Dropout(nn.Module):
@@ -192,13 +198,17 @@ class Dropout(nn.Module):
         eval mode)."""
         return byte_dropout_unscaled(x, self.p) if self.training else (x, 1.0)
 
-    def residual(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, h: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``h + self(x)`` with the dropout scale folded into the add (one pass fewer), and a
-        backward that makes ``x``'s gradient in one pass (:class:`_MaskedResidual`)."""
-        if not self.training:
-            return h + x
+        backward that makes ``x``'s gradient in one pass (:class:`_MaskedResidual`).
+
+        ``inplace``: write the sum into ``x`` (a fresh, non-view tensor that nothing saved for
+        its backward, e.g. a matmul's output; autograd refuses the backward otherwise).
+        """
         keep, scale = byte_keep_mask(x.shape, self.p, x.device, x.dtype)
-        return h + x if keep is None else _MaskedResidual.apply(h, x, keep, scale)
+        if keep is None or not self.training:
+            return x.add_(h) if inplace else h + x
+        return _MaskedResidual.apply(h, x, keep, scale, inplace)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -278,9 +288,11 @@ class GroupedSelfAttention(nn.Module):
         qkv: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
+        flat: bool = False,
     ) -> torch.Tensor:
         """Attention from precomputed projections ``qkv (G, N, T, 3D)`` (``self.qkv`` of the
-        input), so that rows sharing tokens can reuse them; same result as :meth:`forward`."""
+        input), so that rows sharing tokens can reuse them; same result as :meth:`forward`
+        (``flat``: as ``(G, N*T, D)``, the projection's own output rather than a view of it)."""
         G, N, T, D3 = qkv.shape
         D, H = D3 // 3, self.num_heads
         # q, k, v as strided views (split along the features, not permute + unbind): their
@@ -294,8 +306,9 @@ class GroupedSelfAttention(nn.Module):
             attn_mask = km
         p = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        o = o.transpose(1, 2).reshape(G, N, T, D)  # (G, N, T, D)
-        return self.proj(o, groups)
+        o = o.transpose(1, 2).reshape(G, N * T, D)  # (G, N*T, D)
+        y = self.proj(o, groups)  # (G, N*T, D)
+        return y if flat else y.view(G, N, T, D)
 
 
 class GroupedFFN(nn.Module):
@@ -314,9 +327,11 @@ class GroupedFFN(nn.Module):
         norm: GroupedLayerNorm | None = None,
     ) -> torch.Tensor:
         """``FFN(x)``, or ``FFN(norm(x))`` with the norm's affine folded into fc1."""
-        # the dropout as one multiply by a pre-scaled mask (byte_scaled_mask): an ``alpha`` on
-        # fc2 instead would cost its backward an extra pass over the hidden activations
-        return self.fc2(self.drop(F.gelu(self.fc1(x, groups, norm=norm))), groups)
+        a = F.gelu(self.fc1(x, groups, norm=norm))  # (G, ..., hidden)
+        # the dropout as one multiply by a pre-scaled mask (byte_scaled_mask; an ``alpha`` on
+        # fc2 would cost its backward an extra pass), in place: gelu's backward reads its input
+        mask = byte_scaled_mask(a.shape, self.drop.p, a.device, a.dtype) if self.training else None
+        return self.fc2(a if mask is None else a.mul_(mask), groups)
 
 
 class GroupedBlock(nn.Module):
@@ -372,5 +387,10 @@ class GroupedBlock(nn.Module):
         groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` given ``qkv = self.project(x)`` (or rows / positions gathered from it)."""
-        x = self.drop.residual(x, self.attn.attend(qkv, key_mask, groups))
-        return self.drop.residual(x, self.ffn(x, groups, norm=self.norm2))
+        G, N, T, D = qkv.shape[:3] + x.shape[-1:]
+        # per token from here on: rows flattened, so that both residual adds can write into the
+        # branch outputs (fresh matmul results, not views) instead of new tensors
+        h = x.reshape(x.shape[0], N * T, D)  # (G or 1, N*T, D)
+        h = self.drop.residual(h, self.attn.attend(qkv, key_mask, groups, flat=True), inplace=True)
+        h = self.drop.residual(h, self.ffn(h, groups, norm=self.norm2), inplace=True)
+        return h.view(G, N, T, D)

@@ -191,3 +191,33 @@ def test_byte_scaled_mask_is_the_keep_mask_times_its_scale():
     torch.manual_seed(0)
     torch.testing.assert_close(byte_scaled_mask((50, 40), 0.3), keep * scale)
     assert byte_scaled_mask((3, 4), 0.001) is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_inplace_residual_and_ffn_dropout_match_the_plain_ones(p):
+    """The in-place residual (into the branch output) and the in-place FFN dropout give the
+    values and gradients of the out-of-place composition, with the same random draws."""
+    from clinical_moe.fusion.backbone import GroupedBlock
+
+    torch.manual_seed(0)
+    blk = GroupedBlock(3, 16, 4, 12, dropout=p).train()
+    x0 = torch.randn(1, 2, 5, 16, requires_grad=True)
+    x = x0.expand(3, -1, -1, -1)  # shared input, as in I2MoE
+    torch.manual_seed(7)
+    got = blk(x)
+    torch.manual_seed(7)
+    a = blk.attn(blk.norm1(x))
+    h = blk.drop.residual(x, a)
+    f = blk.ffn.fc2(byte_dropout(F.gelu(blk.ffn.fc1(blk.norm2(h))), p))
+    ref = blk.drop.residual(h, f)
+    torch.testing.assert_close(got, ref)
+    params = [x0, *blk.parameters()]
+    for g1, g2 in zip(
+        torch.autograd.grad(got.pow(2).sum(), params), torch.autograd.grad(ref.pow(2).sum(), params)
+    ):
+        torch.testing.assert_close(g1, g2)
+    saved = torch.randn(4, 8, requires_grad=True) * 1.0
+    y = saved.exp()  # exp saves its output: writing into it must be refused
+    out = Dropout(0.5).train().residual(torch.zeros(4, 8), y, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
