@@ -86,8 +86,11 @@ class GroupedLinear(nn.Module):
             y = torch.bmm(xr, w) if alpha == 1.0 else torch.bmm(xr, w) * alpha  # (G, R, d_out)
         else:
             y = torch.baddbmm(b, xr, w, alpha=alpha)  # (G, R, d_out)
-        out = (*shape[:-1], d_out)  # (G, ..., d_out); y itself (not a view) for a 3-d x
-        return y if y.shape == out else y.reshape(out)
+        out = (*shape[:-1], d_out)  # (G, ..., d_out)
+        # reshaped as torch.matmul does (_unsafe_view): not an autograd view of y, so that a
+        # caller may write into it (Dropout.residual(inplace=True)) without autograd rebasing
+        # it, and the gradient of a later in-place result is not a view (accumulates in place)
+        return y if y.shape == out else torch.ops.aten._unsafe_view(y, out)
 
 
 def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -244,6 +247,35 @@ class GroupedLayerNorm(nn.Module):
         return F.layer_norm(x, (D,), eps=self.eps)  # (G, ..., D)
 
 
+class _GatherSplit(torch.autograd.Function):
+    """:func:`gather_split` with a backward that adds each part's gradient straight into its
+    columns of one zero ``(G, R, k*C)`` tensor (``index_add_``), instead of concatenating the
+    parts' gradients first (a fresh tensor of ``k`` times a part's size) as
+    ``index_select(...).split(...)`` would."""
+
+    @staticmethod
+    def forward(ctx, t, index, k):
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.k = t.shape, k
+        return t.index_select(1, index).chunk(k, -1)  # k x (G, n, C), views of one gather
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (index,) = ctx.saved_tensors
+        out = grads[0].new_zeros(ctx.shape)  # (G, R, k*C)
+        for p, g in zip(out.chunk(ctx.k, -1), grads):
+            if g is not None:
+                p.index_add_(1, index, g)
+        return out, None, None
+
+
+def gather_split(t: torch.Tensor, index: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, ...]:
+    """Rows ``index (n,)`` of ``t (G, R, k*C)`` along dim 1, split along the last dimension into
+    ``k`` contiguous ``(G, n, C)`` tensors (e.g. q, k and v of gathered positions); the same
+    values and gradients as ``t.index_select(1, index).split(C, -1)``."""
+    return _GatherSplit.apply(t, index, k)
+
+
 def safe_key_mask(mask: torch.Tensor) -> torch.Tensor:
     """``mask (..., T)`` with rows that have no real key turned all-True (avoids NaN softmax)."""
     return mask | ~mask.any(dim=-1, keepdim=True)
@@ -285,30 +317,27 @@ class GroupedSelfAttention(nn.Module):
 
     def attend(
         self,
-        qkv: torch.Tensor,
+        qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
-        flat: bool = False,
     ) -> torch.Tensor:
         """Attention from precomputed projections ``qkv (G, N, T, 3D)`` (``self.qkv`` of the
-        input), so that rows sharing tokens can reuse them; same result as :meth:`forward`
-        (``flat``: as ``(G, N*T, D)``, the projection's own output rather than a view of it)."""
-        G, N, T, D3 = qkv.shape
-        D, H = D3 // 3, self.num_heads
+        input), or the three ``(G, N, T, D)`` parts of it (e.g. :func:`gather_split`), so that
+        rows sharing tokens can reuse them; same result as :meth:`forward`."""
         # q, k, v as strided views (split along the features, not permute + unbind): their
         # gradients then meet in one concatenation instead of a stack plus a permuted copy
-        q, k, v = (
-            t.reshape(G * N, T, H, D // H).transpose(1, 2) for t in qkv.split(D, -1)
-        )  # 3 x (G*N, H, T, dh)
+        parts = qkv.chunk(3, -1) if isinstance(qkv, torch.Tensor) else qkv
+        G, N, T, D = parts[0].shape
+        H = self.num_heads
+        q, k, v = (t.reshape(G * N, T, H, D // H).transpose(1, 2) for t in parts)  # (G*N, H, T, dh)
         attn_mask = None
         if key_mask is not None and not bool(key_mask.all()):  # all real: the unmasked kernel
             km = safe_key_mask(key_mask.expand(G, N, T)).reshape(G * N, 1, 1, T)  # (G*N, 1, 1, T)
             attn_mask = km
         p = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        o = o.transpose(1, 2).reshape(G, N * T, D)  # (G, N*T, D)
-        y = self.proj(o, groups)  # (G, N*T, D)
-        return y if flat else y.view(G, N, T, D)
+        o = o.transpose(1, 2).reshape(G, N, T, D)  # (G, N, T, D)
+        return self.proj(o, groups)
 
 
 class GroupedFFN(nn.Module):
@@ -386,11 +415,9 @@ class GroupedBlock(nn.Module):
         key_mask: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:meth:`forward` given ``qkv = self.project(x)`` (or rows / positions gathered from it)."""
-        G, N, T, D = qkv.shape[:3] + x.shape[-1:]
-        # per token from here on: rows flattened, so that both residual adds can write into the
-        # branch outputs (fresh matmul results, not views) instead of new tensors
-        h = x.reshape(x.shape[0], N * T, D)  # (G or 1, N*T, D)
-        h = self.drop.residual(h, self.attn.attend(qkv, key_mask, groups, flat=True), inplace=True)
-        h = self.drop.residual(h, self.ffn(h, groups, norm=self.norm2), inplace=True)
-        return h.view(G, N, T, D)
+        """:meth:`forward` given ``qkv = self.project(x)`` (or rows / positions gathered from it,
+        whole or as its three parts: :meth:`GroupedSelfAttention.attend`)."""
+        # both residual adds write into the branch outputs (fresh matmul results) instead of
+        # new tensors
+        x = self.drop.residual(x, self.attn.attend(qkv, key_mask, groups), inplace=True)
+        return self.drop.residual(x, self.ffn(x, groups, norm=self.norm2), inplace=True)

@@ -46,8 +46,9 @@ Our choices (METHODS.md, "I2MoE"):
   which takes the fused attention kernel (no ``T x T`` probability matrix kept for backward).
   ``noise`` keeps every position (the noised tokens take part) in one batched pass.
   Speed only (issue #16): the variants' rows are gathered with one ``index_select`` over the
-  flattened positions (tokens once, not per expert), and rows without padding are pooled with a
-  plain mean.
+  flattened positions (tokens once, not per expert), their q, k and v as three tensors whose
+  gradients go straight into the input's (``backbone.gather_split``, no concatenation), and rows
+  without padding are pooled with a plain mean.
 - Attention-probability dropout is off by default (``attn_dropout=0``; ``dropout`` still acts on
   the FFN, both residual branches and the reweighter). On CPU any attention dropout forces the
   unfused kernel, which keeps a ``T x T`` probability matrix and dropout mask per head, expert
@@ -76,7 +77,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clinical_moe.fusion.backbone import Dropout, GroupedBlock, GroupedLayerNorm, GroupedLinear
+from clinical_moe.fusion.backbone import (
+    Dropout,
+    GroupedBlock,
+    GroupedLayerNorm,
+    GroupedLinear,
+    gather_split,
+)
 from clinical_moe.fusion.base import FusionHead, masked_mean, zero_loss
 from clinical_moe.fusion.i2moe_align import (
     ALIGN_TARGETS,
@@ -345,10 +352,14 @@ class I2MoE(FusionHead):
             g, c = t.shape[0], t.shape[-1]
             return t.reshape(g, B * T, c).index_select(1, flat).view(g, Nv, Tv, c)
 
+        # q, k and v gathered as three tensors: their gradients go straight into the input's
+        # (gather_split), with no concatenation of the variants' (g, N', T', 3D) gradient
+        g3 = qkv.shape[0]
+        parts = gather_split(qkv.reshape(g3, B * T, -1), flat)  # 3 x (g, N'*T', D)
         outs = []
         for hh, q, km in (
             (h, qkv, mask),
-            (take(h1), take(qkv), mv),  # (1, N', T', D), (g, N', T', 3D)
+            (take(h1), tuple(p.view(g3, Nv, Tv, p.shape[-1]) for p in parts), mv),
         ):
             if km.shape[0] == 0:
                 continue

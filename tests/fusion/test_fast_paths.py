@@ -221,3 +221,21 @@ def test_inplace_residual_and_ffn_dropout_match_the_plain_ones(p):
     out = Dropout(0.5).train().residual(torch.zeros(4, 8), y, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_gather_split_equals_index_select_then_split():
+    from clinical_moe.fusion.backbone import gather_split
+
+    torch.manual_seed(0)
+    t = torch.randn(2, 7, 12, requires_grad=True)
+    idx = torch.tensor([3, 0, 3, 6, 1])  # repeats: their gradients add up
+    got = gather_split(t, idx)
+    ref = t.index_select(1, idx).split(4, -1)
+    ws = [torch.randn(2, 5, 4) for _ in range(3)]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    (g1,) = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, ws)), t, retain_graph=True)
+    (g2,) = torch.autograd.grad(sum((b * w).sum() for b, w in zip(ref, ws)), t)
+    torch.testing.assert_close(g1, g2)
+    (g3,) = torch.autograd.grad((got[1] * ws[1]).sum(), t)  # only k used: q, v columns zero
+    assert not g3[..., :4].any() and not g3[..., 8:].any() and g3[..., 4:8].any()
