@@ -32,6 +32,12 @@ Usage::
     python -m benchmarks.bench_shapes --out benchmarks/results/shapes.json
     python -m benchmarks.bench_shapes --quick            # tiny shapes, one repeat, in-process
     python -m benchmarks.bench_shapes --shapes i2moe_4x48 --reps 2
+    python -m benchmarks.bench_shapes --retain-freed-memory   # malloc reuses freed blocks
+
+``--retain-freed-memory`` (off by default) sets glibc's malloc to keep freed large blocks for
+reuse in each child (:func:`benchmarks.common.retain_freed_memory`): without it every large tensor
+of a step is page-faulted in afresh, which at I2MoE's 4 x 48 shape is about a third of the step.
+The row records ``retain_freed_memory``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from benchmarks.common import (
     last_json_line,
     median,
     ratio,
+    retain_freed_memory,
     run_measured,
     self_peak_rss_mb,
     set_threads,
@@ -404,10 +411,17 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="also time each head of this git revision, alternating with ours in one process",
     )
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="glibc malloc keeps freed large blocks for reuse (common.retain_freed_memory; "
+        "off by default)",
+    )
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child: one shape
     parser.add_argument("--baseline-tree", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    retained = retain_freed_memory() if args.retain_freed_memory else False
     shapes = {s.name: s for s in SHAPES}
     if args.quick:
         shapes = {k: quick_shape(s) for k, s in shapes.items()}
@@ -416,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = run_shape(
             shapes[args.only], args.warmup, args.reps, args.matmul_n, args.baseline_tree
         )
+        row["retain_freed_memory"] = retained
         print(json.dumps(row))
         return row
     names = args.shapes or list(shapes)
@@ -424,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown shapes {unknown}; known: {list(shapes)}")
 
     report = {"benchmark": "shapes", "environment": environment(), "quick": args.quick}
+    report["retain_freed_memory"] = args.retain_freed_memory
     old_tree = None
     if args.baseline_rev and not args.quick:
         old_tree = export_revision(args.baseline_rev)
@@ -438,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
             cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
             cmd += ["--reps", str(args.reps), "--matmul-n", str(args.matmul_n)]
             cmd += ["--baseline-tree", old_tree] if old_tree else []
+            cmd += ["--retain-freed-memory"] if args.retain_freed_memory else []
             res = run_measured(cmd, env={"OMP_NUM_THREADS": str(max(args.threads, 1))})
             check_ok(res, f"bench_shapes {name}")
             row = last_json_line(res["stdout"])
