@@ -380,3 +380,16 @@ def test_bench_demo_load_reads_the_demo_timings():
     out = "cache: x\ntimings:            synth_s 21, preprocess_s 10, train_late_s 23\nbrowse"
     assert _timings(out) == {"synth_s": 21.0, "preprocess_s": 10.0, "train_late_s": 23.0}
     assert _timings("no such line") == {}
+
+
+def test_retain_freed_memory_takes_on_glibc():
+    """In a child process (the setting is process-wide): True on glibc, a bool anywhere."""
+    import platform
+    import subprocess
+    import sys
+
+    code = "from benchmarks.common import retain_freed_memory as r; print(r())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() in {"True", "False"}
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert res.stdout.strip() == "True"
