@@ -119,7 +119,7 @@ def one_seed(work: Path, n_patients: int, seed: int, args) -> dict:
     single = np.char.startswith(label, "single_factor")
     carrier = np.where(np.char.find(label, "cardiac") >= 0, MODS.index("ecg"), MODS.index("cxr"))
     top = np.abs(phi).argmax(1)
-    observer_lo = logit(np.clip(rows["observed_risk"].to_numpy(float)[test], 1e-9, 1 - 1e-9))
+    observer_lo = g["observer_log_odds"].to_numpy(float)  # the observer's game, full coalition
     obs_ehr = g["observer_shapley_ehr"].to_numpy(float)
     ehr = has[test, 0]
     return {

@@ -208,7 +208,9 @@ of head minus observer, with its 95% CI), <b>slope</b> (1 = calibrated, below 1 
 evidence under-used), <b>r</b>, the <b>residual SD</b> (the noise that decides near ties in the
 top-1 figures) and, for the EHR, the residual's slope in <b>age</b> per 15 years (0 when the head
 uses age as the truth does). When the single-factor target fails, this says which modality is
-off.</p>"""
+off. The observer plays the head's own game: a modality outside the coalition is read the way the
+head was trained to read a missing one (naturally absent, or hidden by the run's
+<code>train.modality_dropout</code>).</p>"""
 
 
 def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
