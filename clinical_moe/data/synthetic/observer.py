@@ -79,6 +79,14 @@ def _stand_in_studies(stays: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndar
     return {"findings": findings, "devices": devices, "hr": hr, "ops": ops, "efs": efs}
 
 
+def _type_counts(op: np.ndarray, ef: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Studies (or chest reports) of each stay per (opacity, effusion) type of
+    ``FINDING_TYPES``, ``int[n, 4]``, from one flag pair per study and its stay row."""
+    out = np.zeros((n, 4), int)
+    np.add.at(out, (rows, np.select([op & ef, op, ef], [0, 1, 2], 3)), 1)
+    return out
+
+
 def _recorded_studies(stays: pd.DataFrame, studies: pd.DataFrame) -> dict[str, np.ndarray]:
     """Per-stay CXR findings / devices and ECG heart rate read from ``truth/studies``."""
     n = len(stays)
@@ -91,8 +99,7 @@ def _recorded_studies(stays: pd.DataFrame, studies: pd.DataFrame) -> dict[str, n
     row = row[ok].astype(int)
     b = lambda c: cxr[c].astype(str).str.lower().isin(["true", "1"]).to_numpy()[ok]  # noqa: E731
     op, ef, dev = b("opacity"), b("effusion"), b("devices")
-    findings, devices = np.zeros((n, 4), int), np.zeros((n, 2), int)
-    np.add.at(findings, (row, np.select([op & ef, op, ef], [0, 1, 2], 3)), 1)
+    findings, devices = _type_counts(op, ef, row, n), np.zeros((n, 2), int)
     np.add.at(devices, (row, np.where(dev, 0, 1)), 1)
     rank = pd.Series(row).groupby(row).cumcount().to_numpy()
     ops, efs = np.zeros((n, K_MAX), bool), np.zeros((n, K_MAX), bool)
@@ -102,13 +109,6 @@ def _recorded_studies(stays: pd.DataFrame, studies: pd.DataFrame) -> dict[str, n
     first = ecg.groupby(ecg["stay_id"].astype("int64"))["hr"].first()
     hr = first.reindex(stays["stay_id"].to_numpy(np.int64)).to_numpy(float)
     return {"findings": findings, "devices": devices, "hr": hr, "ops": ops, "efs": efs}
-
-
-def _mention_counts(mo: np.ndarray, me: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """Chest reports per (opacity, effusion) mention type of ``FINDING_TYPES``, ``int[n, 4]``."""
-    out = np.zeros((n, 4), int)
-    np.add.at(out, (rows, np.select([mo & me, mo, me], [0, 1, 2], 3)), 1)
-    return out
 
 
 def _stand_in_notes(stays: pd.DataFrame, ids: np.ndarray, per: dict) -> tuple[np.ndarray, ...]:
@@ -130,7 +130,7 @@ def _stand_in_notes(stays: pd.DataFrame, ids: np.ndarray, per: dict) -> tuple[np
     me = per["efs"] & (um[..., 1] < cl.MENTION_P["effusion"])
     rep = np.arange(K_MAX)[None, :] < np.minimum(stays["n_cxr"].to_numpy(int), K_MAX)[:, None]
     rows = np.broadcast_to(np.arange(n)[:, None], rep.shape)
-    return bands, _mention_counts(mo[rep], me[rep], rows[rep], n)
+    return bands, _type_counts(mo[rep], me[rep], rows[rep], n)
 
 
 def _recorded_notes(stays: pd.DataFrame, studies: pd.DataFrame) -> tuple[np.ndarray, ...] | None:
@@ -152,7 +152,7 @@ def _recorded_notes(stays: pd.DataFrame, studies: pd.DataFrame) -> tuple[np.ndar
     np.add.at(bands, (row, notes["band"].astype(int).to_numpy()), 1)
     chest = notes["mentions_opacity"].notna().to_numpy()
     b = lambda c: notes[c].astype(str).str.lower().isin(["true", "1"]).to_numpy()[chest]  # noqa: E731
-    return bands, _mention_counts(b("mentions_opacity"), b("mentions_effusion"), row[chest], n)
+    return bands, _type_counts(b("mentions_opacity"), b("mentions_effusion"), row[chest], n)
 
 
 def evidence_from_truth(stays: pd.DataFrame, studies: pd.DataFrame | None = None) -> cl.Evidence:
