@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from clinical_moe.allocator import retain_freed_memory_by_default
 from pipelines.common import add_common_options, apply_threads, plain_help, quiet_downloads
 
 #: Subcommands in the order of the flow, with their one-line help.
@@ -25,6 +26,10 @@ PIPELINES = {
     "configs": "list the configs shipped with the package, or copy one to edit",
     "store": "list what the decode store holds, or prune what no build will read again",
 }
+
+#: Subcommands that train or run models: glibc keeps their freed memory for reuse
+#: (:mod:`clinical_moe.allocator`; not synth / preprocess, whose pools count peak memory).
+MODEL_COMMANDS = ("pretrain", "train", "evaluate", "attribute")
 
 #: Top-level options that take a value (skipped when looking for the subcommand name).
 _VALUED = ("--log-level", "--threads")
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in ("configs", "store"):
             apply_threads(args.threads)
+        if args.command in MODEL_COMMANDS:
+            retain_freed_memory_by_default()  # clinical_moe.allocator
         result = args.func(args)
     except KeyboardInterrupt:
         print(f"clinical-moe {args.command}: interrupted", file=sys.stderr)

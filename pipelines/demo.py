@@ -181,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     timings["preprocess_s"] = time.perf_counter() - t
     print(f"cache: {cache}")
 
+    from clinical_moe.allocator import retain_freed_memory_by_default
     from clinical_moe.training.checkpoint import CheckpointDir
     from pipelines.train import train
 
+    retain_freed_memory_by_default()  # from here on, as `clinical-moe train` does
     run_ids: dict[str, str] = {}
     for i, head in enumerate(args.heads, 1):
         t = step(f"3/5 train {head} ({i}/{len(args.heads)})")

@@ -319,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from clinical_moe.allocator import retain_freed_memory_by_default
     from pipelines.common import apply_threads, quiet_downloads
 
     quiet_downloads()
     apply_threads(None)
+    retain_freed_memory_by_default()
     return args.func(args)
 
 
