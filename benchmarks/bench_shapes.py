@@ -32,12 +32,15 @@ Usage::
     python -m benchmarks.bench_shapes --out benchmarks/results/shapes.json
     python -m benchmarks.bench_shapes --quick            # tiny shapes, one repeat, in-process
     python -m benchmarks.bench_shapes --shapes i2moe_4x48 --reps 2
-    python -m benchmarks.bench_shapes --retain-freed-memory   # malloc reuses freed blocks
+    python -m benchmarks.bench_shapes --no-retain-freed-memory   # glibc's default malloc
 
-``--retain-freed-memory`` (off by default) sets glibc's malloc to keep freed large blocks for
-reuse in each child (:func:`benchmarks.common.retain_freed_memory`): without it every large tensor
+Each child sets glibc's malloc to keep freed large blocks for reuse, as the ``clinical-moe``
+commands that train do by default (:mod:`clinical_moe.allocator`): without it every large tensor
 of a step is page-faulted in afresh, which at I2MoE's 4 x 48 shape is about a third of the step.
-The row records ``retain_freed_memory``.
+``--no-retain-freed-memory`` measures with glibc's default behaviour (the baseline revision of
+``--baseline-rev`` runs in the same child, under the same setting). The row records
+``retain_freed_memory``; ``reference_over_ours_via_baseline`` is given only without the setting,
+because issue #16 measured its reference / old ratios under glibc's default.
 """
 
 from __future__ import annotations
@@ -366,7 +369,9 @@ def judge(s: Shape, row: dict, quick: bool) -> dict:
     if base and s.reference_over_old:
         speedup = base["paired_speedup"]  # old / ours, step by step in one process
         row["speedup_vs_baseline"] = round(speedup, 3)
-        # load-independent estimate: (reference / old, issue #16) x (old / ours, this run)
+    if base and s.reference_over_old and not row.get("retain_freed_memory"):
+        # load-independent estimate: (reference / old, issue #16) x (old / ours, this run); only
+        # under glibc's default malloc, the setting under which issue #16 took reference / old
         row["reference_over_ours_via_baseline"] = [
             round(r * speedup, 3) for r in s.reference_over_old
         ]
@@ -413,9 +418,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--retain-freed-memory",
-        action="store_true",
-        help="glibc malloc keeps freed large blocks for reuse (common.retain_freed_memory; "
-        "off by default)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc keeps freed large blocks for reuse, as `clinical-moe train` does "
+        "(clinical_moe.allocator; on by default)",
     )
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child: one shape
     parser.add_argument("--baseline-tree", default=None, help=argparse.SUPPRESS)
@@ -449,12 +455,13 @@ def main(argv: list[str] | None = None) -> dict:
         s = shapes[name]
         if args.quick:  # in-process: the peaks then are this process's, not the shape's own
             row = run_shape(s, args.warmup, args.reps, args.matmul_n)
+            row["retain_freed_memory"] = retained
         else:
             cmd = [sys.executable, "-m", "benchmarks.bench_shapes", "--only", name]
             cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
             cmd += ["--reps", str(args.reps), "--matmul-n", str(args.matmul_n)]
             cmd += ["--baseline-tree", old_tree] if old_tree else []
-            cmd += ["--retain-freed-memory"] if args.retain_freed_memory else []
+            cmd += [f"--{'' if args.retain_freed_memory else 'no-'}retain-freed-memory"]
             res = run_measured(cmd, env={"OMP_NUM_THREADS": str(max(args.threads, 1))})
             check_ok(res, f"bench_shapes {name}")
             row = last_json_line(res["stdout"])

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from clinical_moe.allocator import retain_freed_memory  # noqa: F401  (re-exported)
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 
@@ -382,33 +384,6 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed large blocks for reuse instead of returning them to the OS.
-
-    By default glibc serves every block over 32 MiB with its own ``mmap`` and unmaps it on free,
-    so each large tensor a training step creates (a ``(G, N, T, D)`` activation or gradient is
-    ~100 MiB at I2MoE's 4 x 48 shape) is page-faulted and zeroed by the kernel again, often
-    costing more than the operation that fills it. ``mallopt(M_MMAP_MAX, 0)`` serves them from
-    the heap and ``M_TRIM_THRESHOLD`` 2 GiB keeps freed heap memory mapped, so the next step
-    reuses it (peak RSS rises somewhat: less memory is handed back). Process-wide; the same as
-    starting Python with ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``.
-
-    Returns:
-        True when both settings took (glibc), False elsewhere (nothing changed).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def finish(report: dict, out: str | Path | None = None, quiet: bool = False) -> dict:

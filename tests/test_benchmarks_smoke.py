@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 
 import pytest
 import torch
@@ -332,6 +333,26 @@ def test_bench_shapes_quick(tmp_path):
     assert set(report["targets"]) >= {"all_speed", "all_memory", "all_flop_fraction"}
 
 
+def test_bench_allocator_quick(tmp_path):
+    """Both settings run, alternating, and the report pairs them per shape."""
+    from benchmarks import bench_allocator
+
+    out = tmp_path / "allocator.json"
+    report = bench_allocator.main(
+        ["--quick", "--rounds", "2", "--shapes", "flex_moe_b8", "--out", str(out)]
+    )
+    check_environment(report)
+    check_written(report, out)
+    (row,) = report["shapes"]
+    assert row["name"] == "flex_moe_b8"
+    assert len(row["retained_train_ms"]) == len(row["default_train_ms"]) == 2
+    assert positive(row["default_over_retained_train"])
+    assert all(positive(v) for v in row["retained_peak_rss_mb"] + row["default_peak_rss_mb"])
+    assert row["default_applied"] == [False, False]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert row["retained_applied"] == [True, True]
+
+
 def test_bench_stages_small(tmp_path):
     """Issue 13's benchmark on 60 patients: every step runs, the identity checks hold."""
     pytest.importorskip(
@@ -380,16 +401,3 @@ def test_bench_demo_load_reads_the_demo_timings():
     out = "cache: x\ntimings:            synth_s 21, preprocess_s 10, train_late_s 23\nbrowse"
     assert _timings(out) == {"synth_s": 21.0, "preprocess_s": 10.0, "train_late_s": 23.0}
     assert _timings("no such line") == {}
-
-
-def test_retain_freed_memory_takes_on_glibc():
-    """In a child process (the setting is process-wide): True on glibc, a bool anywhere."""
-    import platform
-    import subprocess
-    import sys
-
-    code = "from benchmarks.common import retain_freed_memory as r; print(r())"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert res.stdout.strip() in {"True", "False"}
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert res.stdout.strip() == "True"
