@@ -2,8 +2,10 @@
 
 One :class:`Trainer` per run. ``fit()`` trains with the task loss + the head's ``aux_loss``, AdamW,
 a cosine (with warm-up) or constant schedule and gradient clipping; validates on AUROC every epoch
-(early stopping with ``patience``); saves ``last.pt`` every ``checkpoint_every`` steps and at each
-epoch end and ``best.pt`` on improvement; and at the end scores the best model on val and test.
+and keeps the weights ``train.select`` names in ``best.pt``: the final epoch's (default), or the
+best val AUROC's with early stopping after ``patience`` epochs without improvement. It saves
+``last.pt`` every ``checkpoint_every`` steps and at each epoch end, and at the end scores the kept
+model on val and test.
 
 Nothing here imports MLflow: metrics go to a :class:`~clinical_moe.tracking.RunLogger`. Under
 ``torchrun`` every rank runs this loop; only rank 0 logs and writes files.
@@ -501,7 +503,12 @@ class Trainer:
             auroc if math.isfinite(auroc) else -metrics["val_loss"]
         )  # one-class val: use the loss
         improved = score > self.early["best"]
-        if improved:
+        if self.cfg.train.select == "final":  # keep every epoch's weights; never stop early
+            if improved:
+                self.early["best"] = score  # for the console's "* best" only
+            self.early.update(best_epoch=self.epoch, bad=0)
+            self.save(BEST)
+        elif improved:
             self.early.update(best=score, best_epoch=self.epoch, bad=0)
             self.save(BEST)
         else:
