@@ -297,7 +297,8 @@ def train(
                 else ""
             )
             print(
-                f"run {result.run_id} ({name}): best epoch {result.best_epoch + 1}, "
+                f"run {result.run_id} ({name}): kept epoch {result.best_epoch + 1} "
+                f"(train.select={cfg.train.select}), "
                 f"val AUROC {m.get('best_val_auroc', float('nan')):.4f}, "
                 f"test AUROC {m.get('test_auroc', float('nan')):.4f}{f1_part}, "
                 f"{result.samples_per_s:.0f} samples/s; checkpoints in {ckpt.path}"
