@@ -119,6 +119,13 @@ class TrainConfig:
     # final weights beat their best-AUROC epoch's by +0.06 to +0.15 at test AUROC within 0.003).
     select: str = "final"
     patience: int = 5  # select=best_val_auroc: early stopping on validation AUROC
+    # Exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), updated
+    # after every optimizer step: w_ema <- decay * w_ema + (1 - decay) * w. 0 = off. When on,
+    # validation, best.pt and everything downstream (evaluate, attribute, the MLflow model) use
+    # the averaged weights; last.pt keeps both, so --resume is exact. Buffers (ConfSMoE's running
+    # means) are the live model's. The time constant is 1 / (1 - decay) steps: choose it below an
+    # epoch's steps so the average is of well-trained weights.
+    ema_decay: float = 0.0
     # Train-time modality dropout, on by default for every head (baselines too, so comparisons
     # stay fair): each present modality, EHR included, is dropped w.p. p, at least one kept --
     # drawn like evaluation's MCAR masks -- so the "modality absent" paths (missing embeddings,
@@ -441,6 +448,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.modality_dropout: must be in [0, 1)")
     if not 0.0 <= cfg.train.single_modality_rate <= 1.0:
         raise ConfigError("train.single_modality_rate: must be in [0, 1]")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     _validate_encoder_aux(cfg)
     if abs(sum(cfg.data.split_fractions) - 1.0) > 1e-6 or len(cfg.data.split_fractions) != 3:
         raise ConfigError("data.split_fractions: three fractions (train, val, test) summing to 1")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -351,6 +352,12 @@ class Trainer:
         self.model = build_model(cfg, self.data).to(self.info.device)
         self.net = D.wrap_ddp(self.model, self.info)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # the kept weights' running average (train.ema_decay); buffers follow the live model
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
+            if t.ema_decay > 0
+            else None
+        )
         self.sampler = TrainSampler(
             self.data.train.present,
             t.sampler,
@@ -375,12 +382,23 @@ class Trainer:
         if resume is not None:
             self.load_state(resume)
 
+    @property
+    def kept_model(self) -> MultimodalModel:
+        """The weights validation scores and ``best.pt`` keeps: the EMA's when it is on."""
+        return self.model if self.ema is None else self.ema.module
+
     # -- checkpoint state ---------------------------------------------------------------------
-    def state(self) -> dict:
-        """Everything needed to continue exactly where we are (RNG of every rank gathered)."""
+    def state(self, kept: bool = False) -> dict:
+        """Everything needed to continue exactly where we are (RNG of every rank gathered).
+
+        Args:
+            kept: ``model`` holds the kept weights (:attr:`kept_model`, for ``best.pt``) instead
+                of the live ones; the two differ only with ``train.ema_decay > 0``.
+        """
         rng = D.gather_objects(capture_rng(self.aug), self.info)
         return {
-            "model": self.model.state_dict(),
+            "model": (self.kept_model if kept else self.model).state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": rng,
@@ -397,6 +415,13 @@ class Trainer:
 
     def load_state(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise ValueError(
+                    "--resume: the checkpoint has no weight average but train.ema_decay > 0; "
+                    "resume with the config the run started with"
+                )
+            self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.epoch, self.step, self.position = ckpt["epoch"], ckpt["step"], ckpt["position"]
@@ -408,7 +433,7 @@ class Trainer:
         )
 
     def save(self, name: str = "last.pt") -> None:
-        state = self.state()  # collective: every rank calls it
+        state = self.state(kept=name == BEST)  # collective: every rank calls it
         if self.info.is_main:
             self.ckpt.save(state, name)
 
@@ -438,6 +463,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         n = len(batch)
         self.meters["n"] += n
         self.meters["train_loss"] += float(loss.detach()) * n
@@ -494,7 +521,7 @@ class Trainer:
         n = max(1.0, meters.pop("n", 0.0))
         metrics = {k: v / n for k, v in meters.items()}
         metrics.update(
-            evaluate(self.model, self.data.val, self.data, self.cfg, self.info, routing=True)
+            evaluate(self.kept_model, self.data.val, self.data, self.cfg, self.info, routing=True)
         )
         metrics["lr"] = self.opt.param_groups[0]["lr"]
         metrics["train_samples_per_s"] = samples_per_s

@@ -21,6 +21,7 @@ EXTRA = {
     "train.max_steps_per_epoch": 4,
     "train.checkpoint_every": 3,
     "train.modality_dropout": 0.3,
+    "train.ema_decay": 0.5,  # the weight average is checkpointed too
     "train.patience": 5,
     "tracking.run_name": "resume",
 }
@@ -102,6 +103,8 @@ def test_kill_and_resume_equals_uninterrupted(kill_at, reference, toy_cache, tmp
     assert a["step"] == b["step"] == 12
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    for key, value in a["ema"].items():
+        torch.testing.assert_close(b["ema"][key], value, rtol=1e-5, atol=1e-5, msg=key)
     cut = runs[0].data.metrics
     for key in (
         "best_val_auroc",
