@@ -19,7 +19,7 @@ Faithfulness: Shapley ``single_factor_carrier_top1_abs`` >= 0.90 (against the id
 Usage::
 
     python -m benchmarks.bench_quality --n-patients 20000 --seeds 0 1 2 --jobs 2  # the issue's size
-    python -m benchmarks.bench_quality --n-patients 2000 --seeds 0 --config-dir configs/demo
+    python -m benchmarks.bench_quality --n-patients 2000 --seeds 0 --epochs 0   # demo configs as is
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--heads", nargs="+", default=None, help="default: every registered head")
     p.add_argument("--config-dir", default="configs/demo", help="folder of <head>.yaml configs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=10,
+        help="train.epochs of every head (default 10; 0: each config's own). The demo configs "
+        "say 6, sized for make demo's time; at 20,000 patients the heads' log-odds with "
+        "modalities withheld kept improving past that (EHR Shapley SD against the ideal observer "
+        "0.55-0.63 -> 0.51, ConfSMoE and FuseMoE, seeds 0 and 2)",
+    )
     p.add_argument("--mcar", type=float, default=0.5, help="MCAR rate of the second point")
     p.add_argument("--bootstrap", type=int, default=500)
     p.add_argument("--image-size", type=int, nargs=2, default=(64, 96))
@@ -217,7 +226,8 @@ def one_seed(args, seed: int, heads: list[str], work: Path) -> pd.DataFrame:
         f"tracking.uri={uri}",
         "tracking.log_model=false",
         *([f"train.num_threads={args.threads}"] if args.threads else []),
-        *args.overrides,
+        *([f"train.epochs={args.epochs}"] if args.epochs > 0 else []),
+        *args.overrides,  # after --epochs: an explicit train.epochs=N wins
     ]
     build_cache(
         load_config(Path(args.config_dir) / f"{heads[0]}.yaml", base), resume=True, quiet=True
@@ -293,6 +303,7 @@ def child_argv(args, seed: int) -> list[str]:
     """This benchmark's command line for one seed, run as a child process."""
     argv = [sys.executable, "-m", "benchmarks.bench_quality", "--seeds", str(seed), "--jobs", "1"]
     argv += ["--n-patients", str(args.n_patients), "--config-dir", args.config_dir]
+    argv += ["--epochs", str(args.epochs)]
     argv += ["--mcar", str(args.mcar), "--bootstrap", str(args.bootstrap), "--work", args.work]
     argv += ["--image-size", *map(str, args.image_size), "--threads", str(args.threads)]
     if args.heads:

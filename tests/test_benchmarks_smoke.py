@@ -12,6 +12,7 @@ import platform
 
 import pytest
 import torch
+import yaml
 
 from benchmarks import bench_moe, bench_pipeline, bench_train, run_all
 from benchmarks.common import ratio, time_interleaved
@@ -226,15 +227,18 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
 
     argv = ["--n-patients", "120", "--seeds", "0", "1", "--heads", "late", "concat"]
     argv += ["--config-dir", "configs/tiny", "--bootstrap", "10", "--image-size", "32", "48"]
-    argv += ["--work", str(tmp_path), "--out", str(tmp_path / "quality.json"), "--attribute"]
+    argv += ["--epochs", "1", "--work", str(tmp_path), "--out", str(tmp_path / "quality.json")]
     argv += [
+        "--attribute",
         "concat",
         "--",
-        "train.epochs=1",
         "pretrain.epochs=1",
         "pretrain.max_steps_per_epoch=2",
     ]
     report = bench_quality.main(argv, quiet=True)
+    for run in ("late-n120-s0", "concat-n120-s1"):  # --epochs reaches every run's config
+        saved = yaml.safe_load((tmp_path / "checkpoints" / run / "config.yaml").read_text())
+        assert saved["train"]["epochs"] == 1, run
     # issue 12: encoders pretrained once per seed and shared by every head, probed per head
     assert (tmp_path / "pretrained-n120-s1" / "cxr.pt").is_file()
     probe = report["encoder_probe"]["concat"]
