@@ -382,11 +382,23 @@ def ceiling_targets(heads: dict, mcar: float) -> dict:
 
 
 def print_targets(report: dict) -> None:
-    """The ceiling targets as met / not met (stderr, so that stdout stays the JSON)."""
-    for name, v in report.get("targets_ceiling", {}).items():
+    """The ceiling and faithfulness targets as met / not met (stderr: stdout stays the JSON)."""
+    faith = report.get("targets_faithfulness", {})
+    flags = {
+        **report.get("targets_ceiling", {}),
+        **{k: v for k, v in faith.items() if k.startswith(("every_", "synergy_"))},
+    }
+    for name, v in flags.items():
         if isinstance(v, bool) or v is None:
             state = "n/a" if v is None else ("met" if v else "NOT met")
             print(f"  {name}: {state}", file=sys.stderr)
+    for head, p in faith.get("top1_pooled", {}).items():
+        lo, hi = p["ci"]
+        print(
+            f"  single-factor top-1, {head}, seeds pooled: {p['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+            f" n={p['n']} ({'met' if p['met'] else 'NOT met'})",
+            file=sys.stderr,
+        )
 
 
 def summarise(table: pd.DataFrame, mcar: float) -> dict:

@@ -67,12 +67,41 @@ def head_rows(
     return out["faithfulness"]
 
 
+def pooled_top1(per_seed: dict) -> dict:
+    """Each head's single-factor top-1 over all its seeds' stays, with a Wilson 95% CI.
+
+    A seed's figure rests on 65-80 stays (CI half-width ~0.07), so one head-seed below 0.90 is
+    often one or two stays; the pooled figure (~215 stays) reads the head at half that width.
+
+    Args:
+        per_seed: ``{head: {seed: {"value", "n", ...}}}`` (:func:`faithfulness_targets`).
+    """
+    from scipy.stats import binomtest
+
+    out = {}
+    for head, seeds in per_seed.items():
+        hits = sum(round(v["value"] * v["n"]) for v in seeds.values())
+        n = sum(v["n"] for v in seeds.values())
+        if n == 0:
+            continue
+        ci = binomtest(hits, n).proportion_ci(0.95, method="wilson")
+        out[head] = {
+            "value": hits / n,
+            "ci": [float(ci.low), float(ci.high)],
+            "n": n,
+            "seeds": sorted(seeds),
+            "met": bool(hits / n >= TARGET_TOP1),
+        }
+    return out
+
+
 def faithfulness_targets(table: pd.DataFrame) -> dict:
     """Issue 12's faithfulness targets per head and seed, from a table with ``seed`` / ``head``.
 
     - ``top1``: Shapley ``single_factor_carrier_top1_abs`` >= 0.90, read with its CI (met when
       the value is >= 0.90; ``ci_low`` is given too);
-    - ``synergy``: I2MoE ``synergy_weight_difference`` with ``ci_low`` > 0.
+    - ``synergy``: I2MoE ``synergy_weight_difference`` with ``ci_low`` > 0;
+    - ``top1_pooled``: the same top-1 per head over every seed's stays (:func:`pooled_top1`).
     """
     out: dict = {"top1": {}, "synergy": {}}
     t = table[(table["method"] == "shapley") & (table["metric"] == TARGET_METRIC)]
@@ -93,6 +122,7 @@ def faithfulness_targets(table: pd.DataFrame) -> dict:
         }
     top = [v["met"] for h in out["top1"].values() for v in h.values()]
     out["every_head_and_seed_top1_ge_0.90"] = bool(all(top)) if top else None
+    out["top1_pooled"] = pooled_top1(out["top1"])
     syn = [v["met"] for v in out["synergy"].values()]
     out["synergy_ci_above_0_every_seed"] = bool(all(syn)) if syn else None
     return out
