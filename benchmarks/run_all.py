@@ -87,8 +87,6 @@ def quality_argv(quick: bool, work: Path) -> list[str]:
             "0",
             "--config-dir",
             "configs/tiny",
-            "--epochs",
-            "0",
             "--bootstrap",
             "50",
             "--image-size",
