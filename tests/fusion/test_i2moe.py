@@ -54,7 +54,9 @@ def test_weights_zero_for_absent_uniqueness_and_sum_to_one():
     assert out.aux_loss == 0 and out.extras == {}  # no perturbation at eval
 
 
-@pytest.mark.parametrize("kw", [{}, {"shared_trunk": True, "num_layers": 2}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"shared_trunk": True, "num_layers": 2}, {"uniqueness_inputs": "all"}]
+)
 def test_batched_pass_equals_loop_of_expert_calls(kw):
     head = _head(**kw).train()  # dropout 0: training differs from eval only by the variants
     x, mask, seg, eff = head._inputs(_tokens(PRESENT), PRESENT)
@@ -109,7 +111,9 @@ def test_forward_runs_batched_expert_passes(monkeypatch):
         assert calls == [(B, 3 * T)]
 
 
-@pytest.mark.parametrize("kw", [{}, {"shared_trunk": True, "num_layers": 2}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"shared_trunk": True, "num_layers": 2}, {"uniqueness_inputs": "all"}]
+)
 def test_compact_variants_equal_masked_variants(kw):
     """Cutting a dropped modality's positions out gives the masked variant's expert outputs."""
     mods = ("a", "b", "c")
@@ -267,7 +271,16 @@ def test_byte_dropout_rate_scale_and_gradient():
         Dropout(1.5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"shared_trunk": True, "num_layers": 2}, {"num_layers": 2}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"shared_trunk": True, "num_layers": 2},
+        {"num_layers": 2},
+        {"uniqueness_inputs": "all", "num_layers": 2},
+        {"uniqueness_inputs": "all", "shared_trunk": True, "num_layers": 2},
+    ],
+)
 def test_drop_pass_equals_masked_variants_and_projects_once(kw, monkeypatch):
     """The training pass (compact variants, first-block projections gathered from the input's)
     gives the expert outputs of the masked variants, computing the projections once."""
@@ -284,3 +297,62 @@ def test_drop_pass_equals_masked_variants_and_projects_once(kw, monkeypatch):
     assert len(calls) == 1 and calls[0][1:3] == (PRESENT.shape[0], 3 * T)
     torch.testing.assert_close(emb, emb_m, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lg, lg_m, atol=1e-5, rtol=1e-5)
+
+
+def test_own_uniqueness_experts_see_only_their_modality():
+    """``uniqueness_inputs="own"``: U_m's output depends on modality m's tokens alone (and is
+    a constant when m is absent); the synergy and redundancy experts still read every
+    modality; the default ("all", the paper) lets every expert read everything."""
+    present = torch.ones(4, len(MODS), dtype=torch.bool)
+    toks = _tokens(present, pad_last=False)
+    for own in (True, False):
+        head = _head(uniqueness_inputs="own" if own else "all", num_layers=2).eval()
+        x, mask, seg, _ = head._inputs(toks, present)
+        emb, _ = head.expert_outputs(x, mask, seg)  # (G, B, D)
+        for m in range(len(MODS)):
+            other = x.clone()
+            other[:, seg != m] = torch.randn_like(other[:, seg != m])  # every other modality
+            e2, _ = head.expert_outputs(other, mask, seg)
+            same = torch.allclose(e2[m], emb[m], atol=1e-5)
+            assert same == own, (m, own)
+            assert not torch.allclose(e2[-2:], emb[-2:], atol=1e-3)  # S and R read them
+    head = _head(uniqueness_inputs="own").eval()
+    absent = present.clone()
+    absent[:, 0] = False
+    x, mask, seg, _ = head._inputs(_tokens(absent, seed=3), absent)
+    emb, _ = head.expert_outputs(x, mask, seg)
+    torch.testing.assert_close(emb[0], head.norm.bias[0].expand_as(emb[0]))
+    with pytest.raises(ValueError, match="uniqueness_inputs"):
+        _head(uniqueness_inputs="mine")
+
+
+def test_expert_task_loss_per_expert_and_in_aux():
+    """Each expert's own BCE on the unperturbed input, U_m only where m is present; it enters
+    ``aux_loss`` as ``lambda_expert`` times its mean, in training with labels only."""
+    head = _head(lambda_int=0.3, lambda_expert=0.7).train()
+    toks, labels = _tokens(PRESENT), torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.float)
+    torch.manual_seed(5)
+    out = head(toks, PRESENT, labels=labels)
+    x, mask, seg, eff = head._inputs(toks, PRESENT)
+    _, logits = head.expert_outputs(x, mask, seg)  # (G, B, 1): no dropout, same experts
+    want = []
+    for j in range(head.num_experts):
+        rows = PRESENT[:, j] if j < len(MODS) else torch.ones(len(labels), dtype=torch.bool)
+        want.append(F.binary_cross_entropy_with_logits(logits[j, rows, 0], labels[rows]))
+    got = head.expert_task_loss(logits.transpose(0, 1), labels, eff)
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.extras["expert_task_loss"], got.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.aux_loss.detach(),
+        0.3 * out.extras["interaction_loss"] + 0.7 * out.extras["expert_task_loss"],
+    )
+    assert "expert_task_loss" not in head(toks, PRESENT).extras  # no labels: not computed
+    # multiclass: cross-entropy per expert
+    mc = I2MoE(MODS, D, 3, {m: T for m in MODS}, dropout=0.0)
+    lg = torch.randn(6, mc.num_experts, 3)
+    y = torch.tensor([0, 2, 1, 1, 0, 2])
+    per = mc.expert_task_loss(lg, y, PRESENT)
+    torch.testing.assert_close(per[-1], F.cross_entropy(lg[:, -1], y))
+    torch.testing.assert_close(per[0], F.cross_entropy(lg[PRESENT[:, 0], 0], y[PRESENT[:, 0]]))
+    with pytest.raises(ValueError, match="lambda_expert"):
+        _head(lambda_expert=-1.0)
