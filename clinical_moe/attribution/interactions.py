@@ -3,8 +3,10 @@
 I2MoE's reweighting model gives each stay a weight per interaction expert
 (``FusionOutput.gates["interaction_weights"]``, ``(B, M + 2)``): one *uniqueness* expert ``U_m`` per
 modality, a *synergy* expert and a *redundancy* expert; the prediction is the weighted sum of the
-experts' logits. The head renormalises over the modalities a stay has: ``U_m`` of an absent
-modality gets weight exactly 0 and the weights of each stay sum to 1.
+experts' logits. With the head's default ``uniqueness_inputs="own"``, ``U_m`` reads modality m
+only, so its weight says how much the mixture leans on that modality's own prediction. The head
+renormalises over the modalities a stay has: ``U_m`` of an absent modality gets weight exactly 0
+and the weights of each stay sum to 1.
 
 Tables:
 

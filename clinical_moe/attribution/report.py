@@ -44,8 +44,9 @@ CAPTIONS = {
     "what else is observed. ! marks patterns with few stays or positives: unreliable.",
     "interactions": "I2MoE's mean interaction weights (columns: the uniqueness experts U_m, the "
     "synergy and the redundancy expert) for the stays of each missingness pattern (rows, with "
-    "their number of stays). Each row sums to 1 over the experts a stay can use; a large synergy "
-    "weight says the head relies on modalities together rather than one at a time.",
+    "their number of stays). Each row sums to 1 over the experts a stay can use. By default "
+    "U_m reads only modality m, so its weight says how much the mixture leans on that modality's "
+    "own prediction; a large synergy weight says the head relies on modalities together.",
 }
 
 ROUTING_TEXT = """<p class="note"><b>How to read.</b> A mixture-of-experts layer sends each token
