@@ -95,6 +95,8 @@ reweighter 256 wide, lr 1e-4, 20-50 epochs. Constructor defaults are small for C
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -119,6 +121,7 @@ from clinical_moe.types import FusionOutput, ModalityTokens
 _PERTURB = ("drop", "noise")
 _TARGETS = ("embedding", "logits")
 _UNIQUENESS_INPUTS = ("all", "own")
+log = logging.getLogger(__name__)
 
 
 def interaction_losses(
@@ -242,6 +245,9 @@ class I2MoE(FusionHead):
         self.shared_trunk = shared_trunk
         self.lambda_align, self.align_target = lambda_align, align_target
         self.uniqueness_inputs = uniqueness_inputs
+        # what U_m reads, saved with the weights: a checkpoint keeps behaving as it was trained
+        # when the default changes (_load_from_state_dict)
+        self.register_buffer("own_inputs", torch.tensor(uniqueness_inputs == "own"))
         if lambda_expert < 0:
             raise ValueError(f"lambda_expert must be >= 0, got {lambda_expert}")
         self.lambda_expert = lambda_expert
@@ -266,6 +272,28 @@ class I2MoE(FusionHead):
             Dropout(dropout),
             nn.Linear(reweight_hidden, G),
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take what ``U_m`` reads from the weights: a checkpoint written before
+        ``uniqueness_inputs`` existed (every expert read every modality) loads as ``"all"``."""
+        key = prefix + "own_inputs"
+        missing = key not in state_dict
+        saved = "own" if not missing and bool(state_dict[key]) else "all"
+        if missing:
+            state_dict[key] = torch.tensor(False)  # a copy of the caller's (load_state_dict)
+        if saved != self.uniqueness_inputs:
+            log.warning(
+                "I2MoE weights %s: loaded with uniqueness_inputs=%r instead of %r, as they "
+                "were trained",
+                "without a uniqueness_inputs record (written before it existed, when every "
+                "expert read every modality)"
+                if missing
+                else f"trained with uniqueness_inputs={saved!r}",
+                saved,
+                self.uniqueness_inputs,
+            )
+            self.uniqueness_inputs = saved
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ inputs and variants
     def _inputs(self, tokens: dict[str, ModalityTokens], present: torch.Tensor):

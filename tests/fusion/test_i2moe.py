@@ -356,3 +356,21 @@ def test_expert_task_loss_per_expert_and_in_aux():
     torch.testing.assert_close(per[0], F.cross_entropy(lg[PRESENT[:, 0], 0], y[PRESENT[:, 0]]))
     with pytest.raises(ValueError, match="lambda_expert"):
         _head(lambda_expert=-1.0)
+
+
+def test_weights_keep_what_u_m_reads(caplog):
+    """The weights record what U_m reads: weights from before the record existed (every expert
+    read every modality) load as "all" into a default head and give the old outputs."""
+    old = _head(uniqueness_inputs="all").eval()
+    state = {k: v for k, v in old.state_dict().items() if k != "own_inputs"}  # an old file
+    head = _head().eval()
+    assert head.uniqueness_inputs == "own"
+    with caplog.at_level("WARNING"):
+        head.load_state_dict(state)  # strict
+    assert head.uniqueness_inputs == "all" and "uniqueness_inputs" in caplog.text
+    toks = _tokens(PRESENT)
+    torch.testing.assert_close(head(toks, PRESENT).logits, old(toks, PRESENT).logits)
+    own = _head(uniqueness_inputs="own")
+    again = _head(uniqueness_inputs="all")
+    again.load_state_dict(own.state_dict())  # the weights win over the constructor
+    assert again.uniqueness_inputs == "own"
