@@ -183,8 +183,9 @@ class I2MoE(FusionHead):
         reweight_hidden: Width of the reweighting MLP (paper 256).
         lambda_align: Weight of the alignment term ``KL(q || w)`` (ours; 0 = off, the paper).
         align_target: Its target ``q``: ``"raw"`` or ``"relative"`` (:mod:`.i2moe_align`).
-        uniqueness_inputs: ``"own"``: ``U_m`` reads modality m only (ours, default); ``"all"``:
-            every expert reads every modality (the paper).
+        uniqueness_inputs: ``"own"``: ``U_m`` reads modality m only (ours); ``"all"``: every
+            expert reads every modality (the paper). None (default): ``"own"``, except that
+            weights saved before the choice was recorded load as ``"all"``, as they were trained.
         lambda_expert: Weight of the mean per-expert task loss (ours, default 0.3; 0 = the paper).
     """
 
@@ -215,7 +216,7 @@ class I2MoE(FusionHead):
         # response) does not separate those stays.
         lambda_align: float = 0.0,
         align_target: str = "raw",
-        uniqueness_inputs: str = "own",
+        uniqueness_inputs: str | None = None,
         lambda_expert: float = 0.3,
     ):
         super().__init__(modalities, d_model, num_classes, num_tokens)
@@ -231,6 +232,8 @@ class I2MoE(FusionHead):
             )
         if align_target not in ALIGN_TARGETS or lambda_align < 0:
             raise ValueError(f"align_target in {ALIGN_TARGETS} and lambda_align >= 0 needed")
+        self._inputs_given = uniqueness_inputs is not None
+        uniqueness_inputs = uniqueness_inputs or "own"
         if uniqueness_inputs not in _UNIQUENESS_INPUTS:
             raise ValueError(
                 f"uniqueness_inputs must be one of {_UNIQUENESS_INPUTS}, got {uniqueness_inputs!r}"
@@ -274,13 +277,16 @@ class I2MoE(FusionHead):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Take what ``U_m`` reads from the weights: a checkpoint written before
-        ``uniqueness_inputs`` existed (every expert read every modality) loads as ``"all"``."""
+        """Take what ``U_m`` reads from the weights. Weights without the record were written
+        before it existed: with ``uniqueness_inputs`` given (a config that names it) they follow
+        it; otherwise they were trained when every expert read every modality and load as
+        ``"all"``."""
         key = prefix + "own_inputs"
         missing = key not in state_dict
-        saved = "own" if not missing and bool(state_dict[key]) else "all"
         if missing:
-            state_dict[key] = torch.tensor(False)  # a copy of the caller's (load_state_dict)
+            old = self.uniqueness_inputs if self._inputs_given else "all"
+            state_dict[key] = torch.tensor(old == "own")  # a copy of the caller's
+        saved = "own" if bool(state_dict[key]) else "all"
         if saved != self.uniqueness_inputs:
             log.warning(
                 "I2MoE weights %s: loaded with uniqueness_inputs=%r instead of %r, as they "

@@ -360,7 +360,8 @@ def test_expert_task_loss_per_expert_and_in_aux():
 
 def test_weights_keep_what_u_m_reads(caplog):
     """The weights record what U_m reads: weights from before the record existed (every expert
-    read every modality) load as "all" into a default head and give the old outputs."""
+    read every modality) load as "all" into a default head and give the old outputs; a head
+    whose config names the choice keeps it."""
     old = _head(uniqueness_inputs="all").eval()
     state = {k: v for k, v in old.state_dict().items() if k != "own_inputs"}  # an old file
     head = _head().eval()
@@ -370,6 +371,10 @@ def test_weights_keep_what_u_m_reads(caplog):
     assert head.uniqueness_inputs == "all" and "uniqueness_inputs" in caplog.text
     toks = _tokens(PRESENT)
     torch.testing.assert_close(head(toks, PRESENT).logits, old(toks, PRESENT).logits)
+    given = _head(uniqueness_inputs="own")  # a config naming the choice: trained that way
+    caplog.clear()
+    given.load_state_dict(state)
+    assert given.uniqueness_inputs == "own" and not caplog.text
     own = _head(uniqueness_inputs="own")
     again = _head(uniqueness_inputs="all")
     again.load_state_dict(own.state_dict())  # the weights win over the constructor
