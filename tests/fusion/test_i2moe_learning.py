@@ -9,6 +9,7 @@ import torch
 
 from clinical_moe import create_model
 from clinical_moe.testing import random_batch
+from tests.fusion.test_learning import _fit
 
 MODS = ("a", "b", "c")  # c carries no signal and is present for half the samples
 
@@ -35,17 +36,7 @@ def _cross_modal_weight_gain(**head_kwargs) -> float:
     torch.manual_seed(0)
     model = create_model("i2moe", modalities=MODS, d_model=16, num_tokens=2, **head_kwargs)
     (train, _), (test, both) = _task(model, 2048, seed=0), _task(model, 1024, seed=7)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(3)
-    model.train()
-    for _ in range(400):
-        batch = train.select(torch.randint(0, len(train), (64,), generator=gen))
-        out = model(batch)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[:, 0], batch.labels)
-        opt.zero_grad()
-        (loss + out.aux_loss).backward()
-        opt.step()
-    model.eval()
+    _fit(model, train, steps=400)
     with torch.no_grad():
         w = model(test).gates["interaction_weights"]  # (n, M + 2): U_a, U_b, U_c, S, R
     cross = w[:, len(MODS) :].sum(1)  # (n,)
