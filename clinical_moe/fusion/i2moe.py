@@ -240,6 +240,8 @@ class I2MoE(FusionHead):
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if lambda_expert < 0:
+            raise ValueError(f"lambda_expert must be >= 0, got {lambda_expert}")
         M = len(self.modalities)
         self.num_experts = G = M + 2
         self.expert_names = tuple(f"U_{m}" for m in self.modalities) + ("synergy", "redundancy")
@@ -251,8 +253,6 @@ class I2MoE(FusionHead):
         # what U_m reads, saved with the weights: a checkpoint keeps behaving as it was trained
         # when the default changes (_load_from_state_dict)
         self.register_buffer("own_inputs", torch.tensor(uniqueness_inputs == "own"))
-        if lambda_expert < 0:
-            raise ValueError(f"lambda_expert must be >= 0, got {lambda_expert}")
         self.lambda_expert = lambda_expert
 
         self.type_embed = nn.Parameter(torch.randn(M, d_model) * 0.02)
@@ -515,9 +515,14 @@ class I2MoE(FusionHead):
         pooled = pooled.detach() if detach else pooled
         pooled = torch.where(eff.unsqueeze(-1), pooled, self.missing.unsqueeze(0))  # (B, M, D)
         scores = self.reweighter(pooled.flatten(1)) / self.temperature  # (B, M*D) -> (B, M + 2)
-        ones = torch.ones(eff.shape[0], 2, dtype=torch.bool, device=eff.device)
-        avail = torch.cat([eff, ones], 1)  # (B, M + 2)
+        avail = self._available(eff)  # (B, M + 2)
         return torch.softmax(scores.masked_fill(~avail, float("-inf")), dim=-1)
+
+    @staticmethod
+    def _available(eff: torch.Tensor) -> torch.Tensor:
+        """Experts a sample can use ``(B, M + 2)``: ``U_m`` where m is present, S and R always."""
+        ones = torch.ones(eff.shape[0], 2, dtype=torch.bool, device=eff.device)
+        return torch.cat([eff, ones], 1)
 
     def expert_task_loss(
         self, main: torch.Tensor, labels: torch.Tensor, eff: torch.Tensor
@@ -540,8 +545,7 @@ class I2MoE(FusionHead):
             y = labels.reshape(B, 1).long().expand(B, G)
             per = F.cross_entropy(main.reshape(B * G, C), y.reshape(-1), reduction="none")
             per = per.view(B, G)
-        ones = torch.ones(B, 2, dtype=torch.bool, device=eff.device)
-        avail = torch.cat([eff, ones], 1).to(per.dtype)  # (B, G)
+        avail = self._available(eff).to(per.dtype)  # (B, G)
         return (per * avail).sum(0) / avail.sum(0).clamp_min(1.0)  # (G,)
 
     # ------------------------------------------------------------------ forward

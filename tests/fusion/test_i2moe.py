@@ -302,7 +302,7 @@ def test_drop_pass_equals_masked_variants_and_projects_once(kw, monkeypatch):
 def test_own_uniqueness_experts_see_only_their_modality():
     """``uniqueness_inputs="own"``: U_m's output depends on modality m's tokens alone (and is
     a constant when m is absent); the synergy and redundancy experts still read every
-    modality; the default ("all", the paper) lets every expert read everything."""
+    modality; "all" (the paper) lets every expert read everything."""
     present = torch.ones(4, len(MODS), dtype=torch.bool)
     toks = _tokens(present, pad_last=False)
     for own in (True, False):
