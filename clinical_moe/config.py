@@ -41,6 +41,9 @@ class DataConfig:
     note_max_len: int = 128  # tokens per note
     note_vocab: int = 5000  # tokenizer vocabulary size (fitted on the train split)
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    # Seed of the patient-level train / val / test split; None: the run's top-level ``seed``.
+    # Set it to train several model seeds (``seed=1``, ``seed=2``, ...) on one split and cache.
+    split_seed: int | None = None
     workers: int = 2  # preprocessing processes
     # Issue 13: files are decoded once into a store keyed by file + decode settings, shared by
     # every task / seed / window (default: a "decoded" folder beside cache_dir).
@@ -68,6 +71,10 @@ class DataConfig:
             "chexpert_blank": ("zero", "ignore"),
             "engine": ("pool", "ray"),
         }
+        if self.split_seed is not None and (
+            isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int)
+        ):
+            raise ConfigError(f"data.split_seed: an integer or null, got {self.split_seed!r}")
         for m, paths in self.embeddings.items():
             if m not in ("cxr", "ecg", "notes"):
                 raise ConfigError(f"data.embeddings.{m}: embeddings are read for cxr, ecg, notes")
@@ -225,13 +232,18 @@ class EvalConfig:
 class Config:
     """A whole run."""
 
-    seed: int = 0  # one seed makes a CPU run reproducible
+    seed: int = 0  # makes a CPU run reproducible; draws the split too unless data.split_seed
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def split_seed(cfg: Config) -> int:
+    """The seed of the run's train / val / test split: ``data.split_seed``, else ``seed``."""
+    return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from hashlib import sha256
 from pathlib import Path
 
-from clinical_moe.config import Config
+from clinical_moe.config import Config, split_seed
 
 #: Data settings that decide where or how fast the cache is written, not what it holds.
 NOT_CONTENT = ("cache_dir", "workers", "engine", "decode_store", "ray_address")
@@ -119,7 +119,10 @@ def fingerprint_inputs(cfg: Config) -> dict:
     for key, defaults in NEW_DEFAULTS.items():
         if key in d and any(d[key] == v for v in defaults):
             d.pop(key)
-    d["seed"] = cfg.seed
+    # The split it holds, however it was asked for: seed=1 with data.split_seed=0 reads the
+    # cache that seed=0 built.
+    d.pop("split_seed", None)
+    d["seed"] = split_seed(cfg)
     d["targets_version"] = TARGETS_VERSION if cfg.data.native_targets else None
     if "ehr" in cfg.data.modalities:
         d["ehr_stats_version"] = EHR_STATS_VERSION

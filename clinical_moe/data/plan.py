@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinical_moe.config import Config
+from clinical_moe.config import Config, split_seed
 from clinical_moe.data import damage
 from clinical_moe.data.table_io import quiet_tables
 from clinical_moe.data.tables import read_optional
@@ -148,7 +148,7 @@ def plan_stays(cfg: Config, quiet: bool = False) -> StayPlan:
     cohort = build_cohort(
         mimic_iv,
         task=d.task,
-        seed=cfg.seed,
+        seed=split_seed(cfg),
         split_fractions=d.split_fractions,
         prediction_hours=d.window_hours,
         variables=d.variables_file,

@@ -39,7 +39,8 @@ def test_old_configs_keep_their_hash():
 
     cfg = load_config({}, ["data.task=los7", "seed=3"])
     d = asdict(cfg.data)
-    for key in ("cache_dir", "workers", "engine", "decode_store", "ray_address", "embeddings"):
+    newer = ("embeddings", "split_seed")  # options earlier versions did not have
+    for key in ("cache_dir", "workers", "engine", "decode_store", "ray_address", *newer):
         d.pop(key, None)
     d["seed"], d["targets_version"] = 3, TARGETS_VERSION
     d["ehr_stats_version"] = EHR_STATS_VERSION
@@ -87,6 +88,34 @@ def test_stale_cache_is_rebuilt_by_train_and_refused_by_evaluate(corpus, tmp_pat
     # the old task is now the stale one
     with pytest.raises(StaleCacheError, match="data.task: los7 -> ihm48"):
         check_cache(built)
+
+
+def test_split_seed_trains_new_model_seeds_on_one_split(corpus, tmp_path):
+    """``data.split_seed`` fixes the split while ``seed`` moves: such a run reads the cache the
+    split's own seed built, and building it afresh gives the same split."""
+    import pandas as pd
+
+    from clinical_moe.config import ConfigError
+
+    first = _cfg(corpus, tmp_path / "s0")
+    build_cache(first, quiet=True)
+    same = _cfg(corpus, tmp_path / "s0", "seed=4", "data.split_seed=0")
+    assert stale_reason(same) is None
+    check_cache(same)
+    assert cache_fingerprint(same) == cache_fingerprint(first)
+    with pytest.raises(StaleCacheError, match="seed: 0 -> 4"):
+        check_cache(_cfg(corpus, tmp_path / "s0", "data.split_seed=4"))
+
+    def split(cache: Path) -> pd.Series:
+        man = pd.read_parquet(cache / "manifest.parquet")
+        return man.set_index("stay_id")["split"].sort_index()
+
+    build_cache(_cfg(corpus, tmp_path / "s4a", "seed=4", "data.split_seed=0"), quiet=True)
+    build_cache(_cfg(corpus, tmp_path / "s4", "seed=4"), quiet=True)
+    pd.testing.assert_series_equal(split(tmp_path / "s4a"), split(tmp_path / "s0"))
+    assert not split(tmp_path / "s4").equals(split(tmp_path / "s0"))
+    with pytest.raises(ConfigError, match="data.split_seed"):
+        _cfg(corpus, tmp_path / "x", "data.split_seed=one")
 
 
 def test_unfingerprinted_and_absent_caches(tmp_path):
