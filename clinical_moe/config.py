@@ -124,6 +124,7 @@ class TrainConfig:
     # AUROC has peaked (issue 12, 20k benchmark: single-factor faithfulness >= 0.90 for 16 of 21
     # head-seeds against 9 of 21, the same natural AUROC / ceiling; on the 4 worst runs, their own
     # final weights beat their best-AUROC epoch's by +0.06 to +0.15 at test AUROC within 0.003).
+    # One run each: a new model seed moves a run's figure by up to 0.21 (README, run-to-run spread).
     select: str = "final"
     patience: int = 5  # select=best_val_auroc: early stopping on validation AUROC
     # Exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), updated
