@@ -23,7 +23,12 @@ import os
 from pathlib import Path
 
 from clinical_moe.config import Config, DataConfig
-from clinical_moe.data.fingerprint import cache_fingerprint, fingerprint_inputs, stale_reason
+from clinical_moe.data.fingerprint import (
+    cache_fingerprint,
+    fingerprint_inputs,
+    spelt_as_cached,
+    stale_reason,
+)
 from clinical_moe.data.store import write_json
 from clinical_moe.data.table_io import quiet_tables
 
@@ -89,6 +94,7 @@ def build_cache(
     from clinical_moe.data.decode_store import make_jobs
     from clinical_moe.data.plan import plan_stays
 
+    cfg = spelt_as_cached(cfg)  # the same corpus folder, however it is written, is no change
     d: DataConfig = cfg.data
     last_decode.clear()
     cache_dir = Path(d.cache_dir)

@@ -15,7 +15,7 @@ rebuilt once by ``train``, which says so ("source tables: not recorded").
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from hashlib import sha256
 from pathlib import Path
 
@@ -203,13 +203,45 @@ def describe(old: dict, new: dict) -> str:
     return ", ".join(parts)
 
 
+def _recorded_inputs(cache_dir: Path) -> dict:
+    """The fingerprint inputs a cache recorded (finished: summary.json; started: fingerprint.json)."""
+    for name, key in (("summary.json", "fingerprint_inputs"), ("fingerprint.json", "inputs")):
+        try:
+            inputs = json.loads((cache_dir / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(inputs, dict):
+            return inputs
+    return {}
+
+
+def spelt_as_cached(cfg: Config, cache_dir: str | Path | None = None) -> Config:
+    """``cfg`` with ``data.root`` written as the cache recorded it, when both name one folder.
+
+    ``runs/demo/corpus`` run from the repository root, the absolute path that ``make demo``
+    records, and a symlink to the corpus all read the same release: a cache is not stale for
+    any of them. The source tables' sizes and times still count (:func:`source_tables`).
+    """
+    old = _recorded_inputs(Path(cache_dir or cfg.data.cache_dir)).get("root")
+    new = cfg.data.root
+    if not isinstance(old, str) or old == new:
+        return cfg
+    try:
+        same = Path(new).exists() and Path(old).resolve() == Path(new).resolve()
+    except OSError:
+        same = False
+    return replace(cfg, data=replace(cfg.data, root=old)) if same else cfg
+
+
 def stale_reason(cfg: Config, cache_dir: str | Path | None = None) -> str | None:
     """What differs between the cache and ``cfg`` (None when it matches or carries no fingerprint).
 
     A cache with no fingerprint (written by a test helper, or by hand) cannot be checked and is
-    taken as it is.
+    taken as it is. ``data.root`` counts as the same when it names the same folder
+    (:func:`spelt_as_cached`).
     """
     cache_dir = Path(cache_dir or cfg.data.cache_dir)
+    cfg = spelt_as_cached(cfg, cache_dir)
     old_fp, old_inputs = stored(cache_dir)
     if old_fp is None:
         return None

@@ -118,6 +118,27 @@ def test_split_seed_trains_new_model_seeds_on_one_split(corpus, tmp_path):
         _cfg(corpus, tmp_path / "x", "data.split_seed=one")
 
 
+def test_one_corpus_folder_however_written_is_not_a_change(corpus, tmp_path, monkeypatch):
+    """``make demo`` records an absolute ``data.root``; the configs say ``runs/demo/corpus``. A
+    relative path or a symlink to the cache's own corpus reads the cache as it is, no rebuild."""
+    cache = tmp_path / "cache"
+    build_cache(_cfg(corpus, cache), quiet=True)  # corpus: an absolute path
+    summary = (cache / "summary.json").read_text()
+
+    monkeypatch.chdir(corpus.parent)
+    link = tmp_path / "link"
+    link.symlink_to(corpus, target_is_directory=True)
+    for root in (corpus.name, f"./{corpus.name}", str(link)):
+        cfg = _cfg(root, cache)
+        assert stale_reason(cfg) is None, root
+        check_cache(cfg)
+        build_cache(cfg, quiet=True)  # resume: complete, nothing rewritten
+        assert (cache / "summary.json").read_text() == summary
+    # another folder is still a change, named
+    with pytest.raises(StaleCacheError, match="data.root: .* -> elsewhere"):
+        check_cache(_cfg("elsewhere", cache))
+
+
 def test_unfingerprinted_and_absent_caches(tmp_path):
     from clinical_moe.testing import write_toy_cache
 
