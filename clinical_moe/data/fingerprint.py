@@ -204,15 +204,13 @@ def describe(old: dict, new: dict) -> str:
 
 
 def _recorded_inputs(cache_dir: Path) -> dict:
-    """The fingerprint inputs a cache recorded (finished: summary.json; started: fingerprint.json)."""
-    for name, key in (("summary.json", "fingerprint_inputs"), ("fingerprint.json", "inputs")):
-        try:
-            inputs = json.loads((cache_dir / name).read_text()).get(key)
-        except (OSError, ValueError):
-            continue
-        if isinstance(inputs, dict):
-            return inputs
-    return {}
+    """The fingerprint inputs a cache recorded (finished: :func:`stored`; started:
+    fingerprint.json)."""
+    inputs = stored(cache_dir)[1]
+    started = cache_dir / "fingerprint.json"
+    if inputs is None and started.is_file():
+        inputs = json.loads(started.read_text()).get("inputs")
+    return inputs if isinstance(inputs, dict) else {}
 
 
 def spelt_as_cached(cfg: Config, cache_dir: str | Path | None = None) -> Config:

@@ -454,17 +454,17 @@ class I2MoE(FusionHead):
                 if i == len(self.trunk):
                     hh = hh.expand(G, -1, -1, -1)  # (G, n, T, D): leave the shared trunk
                 hh = blk(hh, km if i < len(self.trunk) else kg)
-            outs.append(self._readout(hh, kg[0] if kg.shape[0] == 1 else kg))
+            outs.append(self._readout(hh, kg))
         emb = torch.cat([o[0] for o in outs], 1)  # (G, B + N', D)
         return emb, torch.cat([o[1] for o in outs], 1), pos
 
     def _readout(self, h, mv, experts=None):
         """Masked mean over positions, per-expert LayerNorm and head: ``(G, N, D)``, ``(G, N, C)``
-        (``mv`` ``(N, T)``, or ``(G, N, T)`` per expert)."""
+        (``mv`` ``(N, T)`` or ``(1, N, T)`` shared by every expert, or ``(G, N, T)`` per expert)."""
         if bool(mv.all()):  # no padded position: a plain mean, no (G, N, T, D) product
             pooled = h.mean(2)  # (G, N, D)
         else:
-            w = mv.to(h.dtype).unsqueeze(-1)  # (N, T, 1) or (G, N, T, 1)
+            w = mv.to(h.dtype).unsqueeze(-1)  # (N, T, 1) or (1 or G, N, T, 1)
             w = w.unsqueeze(0) if mv.dim() == 2 else w  # (1 or G, N, T, 1)
             pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)  # (G, N, D)
         emb = self.norm(pooled, experts)  # (G, N, D)
@@ -498,7 +498,7 @@ class I2MoE(FusionHead):
         kg = self._expert_mask(key_mask, seg, experts)  # (1 or G, N, T)
         for blk in self.blocks:
             h = blk(h, kg, experts)
-        return self._readout(h, kg[0] if kg.shape[0] == 1 else kg, experts)
+        return self._readout(h, kg, experts)
 
     def weights(
         self, tokens: dict[str, ModalityTokens], eff: torch.Tensor, detach: bool = False
