@@ -271,16 +271,20 @@ def test_bench_quality_two_heads_two_seeds(tmp_path):
     from benchmarks import faithfulness_floor
 
     floor = faithfulness_floor.main(
-        ["--work", str(tmp_path), "--n-patients", "120", "--seeds", "0", "1", "--copies", "1"]
-    )
+        ["--work", str(tmp_path), "--n-patients", "120", "--seeds", "0", "1", "--copies", "1",
+         "--mlp-epochs", "1", "--model-seeds", "0", "1"]
+    )  # fmt: skip
     manifest = bench_quality.pd.read_parquet(tmp_path / "cache-n120-s0" / "manifest.parquet")
     first = floor["seeds"][0]
     assert first["n_train"] == int((manifest["split"] == "train").sum())
-    assert 0 < first["full_log_odds_sd_vs_observer"] < 5
+    assert set(first["learners"]) == {"gbm", "logistic_per_pattern", "mlp_1ep"}
+    assert [r["model_seed"] for r in first["learners"]["mlp_1ep"]["per_model_seed"]] == [0, 1]
     for s in floor["seeds"]:
-        top1 = s["single_factor_top1"]
-        assert (top1 is None) == (s["n_single_factor"] == 0)
-        assert top1 is None or 0 <= top1 <= 1
+        for res in s["learners"].values():
+            assert 0 < res["full_log_odds_sd_vs_observer"] < 5
+            top1 = res["single_factor_top1"]
+            assert (top1 is None) == (s["n_single_factor"] == 0)
+            assert top1 is None or 0 <= top1 <= 1
     assert positive(summary["heads"]["late"]["auroc_of_oracle_natural"])
 
 
