@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import add_common_args, environment, finish, set_threads
+from benchmarks.floor_learners import FloorData, mcar_masks
 
 MODS = ("ehr", "cxr", "ecg", "notes")
 
@@ -73,15 +74,7 @@ def features(ev, rows: np.ndarray, shown: np.ndarray) -> np.ndarray:
     )
 
 
-def mcar_masks(has: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """``has`` with each present modality dropped at ``rate``, at least one kept per row."""
-    shown = has & ~(rng.random(has.shape) < rate)
-    for i in np.flatnonzero(~shown.any(1) & has.any(1)):
-        shown[i, rng.choice(np.flatnonzero(has[i]))] = True
-    return shown
-
-
-#: Column of :func:`features` holding the EHR's infection, and the CXR and notes columns.
+#: Columns of :func:`features`: the EHR's infection, and every CXR and notes column after it.
 INFECTION = 2
 CXR_AND_NOTES = slice(7, None)
 LEARNERS = ("gbm", "logistic", "mlp")
@@ -89,7 +82,6 @@ LEARNERS = ("gbm", "logistic", "mlp")
 
 def load_seed(work: Path, n_patients: int, seed: int, args):
     """One seed's learning problem and its scoring context (test rows, groups, observer)."""
-    from benchmarks.floor_learners import FloorData
     from clinical_moe.data.synthetic.observer import evidence_from_truth
 
     cache = work / f"cache-n{n_patients}-s{seed}"
@@ -172,7 +164,7 @@ def one_seed(work: Path, n_patients: int, seed: int, args) -> dict:
         out["learners"]["gbm"] = score(data, test, g, fl.fit_gbm(data))
     if "logistic" in args.learners:
         out["learners"]["logistic_per_pattern"] = score(
-            data, test, g, fl.fit_coalition_logistic(data)
+            data, test, g, fl.fit_coalition_logistic(data, products=(INFECTION, CXR_AND_NOTES))
         )
     if "mlp" in args.learners:
         for epochs in args.mlp_epochs:

@@ -8,7 +8,7 @@ how they share what they learn across coalitions, which is what decides their Sh
 - :func:`fit_gbm`: gradient-boosted trees on the features (scikit-learn); one model for all
   coalitions, piecewise constant in the log-odds.
 - :func:`fit_coalition_logistic`: a separate logistic regression per presence pattern (one-hot
-  pattern x features, plus the pulmonary x infection evidence products), fitted jointly by
+  pattern x features, plus given feature products), fitted jointly by
   scikit-learn. Nothing is shared between coalitions, and each is linear in the log-odds, as
   the generative story is in its factors: the well-specified learner.
 - :func:`fit_mlp`: a small MLP trained the way the demo heads are (AdamW, cosine schedule, batch
@@ -36,7 +36,8 @@ class FloorData:
         has: ``bool[N, M]`` natural presence.
         y: ``float[N]`` the task label.
         train: Indices of the train split.
-        masks: Presence masks of the train rows' copies: natural first, then MCAR-dropped ones.
+        masks: ``bool[N, M]`` masks, one per copy of the train rows: the natural presence
+            first, then MCAR-dropped ones (:func:`mcar_masks`); only the train rows are read.
     """
 
     features: Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -44,6 +45,14 @@ class FloorData:
     y: np.ndarray
     train: np.ndarray
     masks: list[np.ndarray]
+
+
+def mcar_masks(has: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """``has`` with each present modality dropped at ``rate``, at least one kept per row."""
+    shown = has & ~(rng.random(has.shape) < rate)
+    for i in np.flatnonzero(~shown.any(1) & has.any(1)):
+        shown[i, rng.choice(np.flatnonzero(has[i]))] = True
+    return shown
 
 
 def pattern_index(shown: np.ndarray) -> np.ndarray:
@@ -91,18 +100,25 @@ def fit_gbm(data: FloorData, seed: int = 0) -> Predict:
     return lambda rows, shown: _log_odds(model.predict_proba(data.features(rows, shown))[:, 1])
 
 
-def fit_coalition_logistic(data: FloorData, seed: int = 0, c: float = 1.0) -> Predict:
+def fit_coalition_logistic(
+    data: FloorData,
+    seed: int = 0,
+    c: float = 1.0,
+    products: tuple[int, slice] | None = None,
+) -> Predict:
     """A logistic regression per presence pattern (:func:`coalition_design`), L2 strength 1/c.
 
-    Its features add the EHR's infection times every CXR and note column, so that the
-    pulmonary x infection term of the outcome can be expressed.
+    Args:
+        products: ``(j, cols)``: feature j times each feature in ``cols`` is added to the
+            features, so that an interaction of the outcome can be expressed (the floor passes
+            the EHR's infection and the CXR and note columns: the pulmonary x infection term).
     """
     from sklearn.linear_model import LogisticRegression
 
-    from benchmarks.faithfulness_floor import CXR_AND_NOTES, INFECTION
-
     def design(x, shown):
-        x = np.column_stack([x, x[:, [INFECTION]] * x[:, CXR_AND_NOTES]])
+        if products is not None:
+            j, cols = products
+            x = np.column_stack([x, x[:, [j]] * x[:, cols]])
         return coalition_design(x, shown)
 
     x, shown, y = _train_xy(data)
@@ -130,8 +146,6 @@ def fit_mlp(
     ``train.modality_dropout`` draws them.
     """
     import torch
-
-    from benchmarks.faithfulness_floor import mcar_masks
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from benchmarks.faithfulness_floor import mcar_masks
 from benchmarks.floor_learners import (
     FloorData,
     coalition_design,
     fit_coalition_logistic,
     fit_mlp,
+    mcar_masks,
     pattern_index,
 )
 
