@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clinical_moe.attribution.agreement import COALITION_GROUP
+
 log = logging.getLogger("clinical_moe.attribute")
 
 
@@ -101,9 +103,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def faithfulness_metrics(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """MLflow metrics: faithfulness figures and the mean |Shapley| per modality."""
+    """MLflow metrics: faithfulness figures and the mean |Shapley| per modality.
+
+    The per-coalition rows (``coalition_agreement``, up to 4 x (2^M - 1) figures) stay in the
+    logged tables only.
+    """
     out = {}
     for r in tables["faithfulness"].itertuples():
+        if r.group == COALITION_GROUP:
+            continue
         if r.metric != "status" and np.isfinite(r.value):
             out[f"attribution/{r.method}/{r.metric}"] = float(r.value)
             for end in ("ci_low", "ci_high"):

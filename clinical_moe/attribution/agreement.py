@@ -16,6 +16,14 @@ the modality (group ``observer_agreement``, one set per method and modality):
 
 Shapley and IG are compared with the observer's Shapley values (log-odds); drop-one ablation with
 the observer's drop-one ablation (risk).
+
+Beneath the Shapley values are the coalition values they are made of: ``v(S)``, the head's
+log-odds when it sees only the modalities in S. :func:`coalition_rows` compares them with the
+observer's ``v*(S)`` (group ``coalition_agreement``), over every stay that has S and over the
+single-factor stays: ``coalition_<stays>_<S>_bias`` (mean of head - observer, bootstrap CI) and
+``coalition_<stays>_<S>_resid_sd``. A missing-modality path that is off shows here as one biased
+coalition (for example ``ecg`` alone: the head's ECG-only answer), where the Shapley values
+spread the error over every modality.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import pandas as pd
 from clinical_moe.attribution.stats import N_BOOT, bootstrap_mean_ci, summary_row
 
 GROUP = "observer_agreement"
+COALITION_GROUP = "coalition_agreement"
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -82,4 +91,42 @@ def agreement_rows(
             for name, stats, note in figures:
                 metric = f"agreement_{m}_{name}"
                 rows.append(summary_row(method, GROUP, metric, stats, n, np.nan, 0.0, note))
+    return rows
+
+
+def coalition_rows(
+    df: pd.DataFrame,
+    single_factor: np.ndarray,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[dict]:
+    """Rows of :data:`COALITION_GROUP`: the head's ``v(S)`` against the observer's, per coalition.
+
+    Args:
+        df: One row per stay with ``coalition_<S>`` (the head's, from ``per_stay``) and
+            ``observer_coalition_<S>`` columns (NaN where the stay lacks part of S).
+        single_factor: ``bool[len(df)]``, the single-factor stays.
+        n_boot: Bootstrap resamples of the bias CI.
+        seed: Bootstrap seed.
+    """
+    rows = []
+    names = [c.removeprefix("observer_coalition_") for c in df if c.startswith("observer_coal")]
+    for name in names:
+        if f"coalition_{name}" not in df:
+            continue
+        d = (df[f"coalition_{name}"] - df[f"observer_coalition_{name}"]).to_numpy(float)
+        for stays, sel in (("all", np.ones(len(df), bool)), ("single_factor", single_factor)):
+            d_sel = d[sel & np.isfinite(d)]
+            n = len(d_sel)
+            if n < 3:
+                continue
+            for figure, stats in (
+                ("bias", bootstrap_mean_ci(d_sel, n_boot, seed)),
+                ("resid_sd", (float(d_sel.std()), np.nan, np.nan)),
+            ):
+                metric = f"coalition_{stays}_{name}_{figure}"
+                note = "head - observer, log-odds" if figure == "bias" else "SD, log-odds"
+                rows.append(
+                    summary_row("shapley", COALITION_GROUP, metric, stats, n, np.nan, 0.0, note)
+                )
     return rows

@@ -54,6 +54,9 @@ faithful attribution of the mortality log-odds should follow these effects. Defi
 - ``observer_agreement`` (:mod:`.agreement`): per method and modality, the bias, slope,
   correlation and residual SD of the attributions against the observer's, and for EHR their
   slope in age: which modality is off when the target fails.
+- ``coalition_agreement`` (:mod:`.agreement`): per coalition of modalities, the bias and SD of
+  the head's log-odds when it sees only that coalition against the observer's, over all stays
+  and over the single-factor stays: which missing-modality path is off.
 
 Real MIMIC has no truth: every figure is then reported as "not available".
 """
@@ -67,7 +70,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from clinical_moe.attribution.agreement import agreement_rows
+from clinical_moe.attribution.agreement import agreement_rows, coalition_rows
 from clinical_moe.attribution.groups import GROUP_COLUMNS, GROUP_SPECS, MIN_N, assign_groups
 from clinical_moe.attribution.observer import observer_attributions
 from clinical_moe.attribution.ranking import carrier_share, carriers_on_top, chance_top
@@ -344,7 +347,13 @@ def faithfulness(
         factors = stays[["stay_id", "cardiac", "pulmonary", "infection", "age"]]
         sf = df.merge(factors, on="stay_id", how="left")
         target, sf_defs, label = single_factor_rows(sf, methods, modalities, min_n, n_boot, seed)
-        rows = target + agreement_rows(sf, methods, modalities, n_boot, seed) + rows
+        single = label.str.startswith("single_factor").to_numpy()
+        rows = (
+            target
+            + agreement_rows(sf, methods, modalities, n_boot, seed)
+            + coalition_rows(sf, single, n_boot, seed)
+            + rows
+        )
         definitions = pd.concat([sf_defs, definitions], ignore_index=True)
         df["single_factor_group"] = label.to_numpy()
         obs_cols.append("single_factor_group")

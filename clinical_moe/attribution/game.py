@@ -73,6 +73,11 @@ def coalition_bits(num_modalities: int) -> torch.Tensor:
     return 2 ** torch.arange(num_modalities)
 
 
+def coalition_name(code: int, modalities: tuple[str, ...]) -> str:
+    """The coalition with ``code`` (bit m = modality m) as ``"ehr+ecg"`` (modality order)."""
+    return "+".join(m for i, m in enumerate(modalities) if code >> i & 1) or "none"
+
+
 class PresenceGame:
     """The modality game of one batch (see the module docstring).
 

@@ -27,8 +27,11 @@ From the ``2^M`` values per stay this module returns, per present modality,
 - ``observer_ablation_<m>``: ``risk*(present) - risk*(present \\ {m})`` (the heads' modality
   ablation, in risk; NaN where m is absent or the only modality);
 
-and ``observer_interaction_cxr_ehr``: the Shapley interaction index of CXR and EHR (Grabisch &
-Roubens 1999), which is large and positive where the pulmonary x infection term fires.
+``observer_interaction_cxr_ehr``: the Shapley interaction index of CXR and EHR (Grabisch &
+Roubens 1999), which is large and positive where the pulmonary x infection term fires; and
+``observer_coalition_<S>`` (e.g. ``observer_coalition_ehr+ecg``): ``v*(S)`` itself, NaN where the
+stay lacks a modality of S, beside the heads' ``coalition_<S>`` columns of ``per_stay``
+(:mod:`.agreement` compares them).
 
 Why this and not a linear split of the outcome logit (:func:`.faithfulness.true_effects`): the
 baseline is the log-odds of the *mean* risk, about 1.1 above the mean log-odds in this corpus
@@ -48,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.special import expit, logit
+
+from clinical_moe.attribution.game import coalition_name
 
 #: Columns of ``truth/stays.csv.gz`` the observer needs besides the factors.
 NEEDS = ("age", "in_ihm48", "n_cxr", "n_notes", "has_ehr", "has_cxr", "has_ecg", "has_notes")
@@ -184,4 +189,16 @@ def observer_attributions(
         inter = np.where(both, interaction_index(values, i, j, num), np.nan)
     out["observer_interaction_cxr_ehr"] = inter
     out["observer_log_odds"] = full
+    for bits in sorted(values, key=_code):  # v*(S) where the stay has S, as the heads' tables
+        v = values[bits]
+        if any(bits):
+            within = (has | ~np.array(bits, bool)[None, :]).all(1)
+            out[f"observer_coalition_{coalition_name(_code(bits), modalities)}"] = np.where(
+                within, v, np.nan
+            )
     return pd.DataFrame(out), ""
+
+
+def _code(bits: tuple) -> int:
+    """``(b_0, b_1, ...)`` -> the coalition code ``sum b_m 2^m`` of :mod:`.game`."""
+    return sum(int(b) << i for i, b in enumerate(bits))

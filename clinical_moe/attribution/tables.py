@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from clinical_moe.attribution.game import PresenceGame
+from clinical_moe.attribution.game import PresenceGame, coalition_name
 from clinical_moe.attribution.gradients import modality_integrated_gradients
 from clinical_moe.attribution.interactions import InteractionWeights
 from clinical_moe.attribution.routing import RoutingAnalysis, pattern_names
@@ -108,6 +108,9 @@ def attribute_batch(
         for i, m in enumerate(mods):
             cols[f"{name}_{m}"] = values[:, i].tolist()
     cols["ig_delta"], cols["ig_baseline"] = delta.tolist(), ig_base.tolist()
+    if table is not None:  # v(S) of every coalition the stay can form (NaN where it cannot)
+        for code in range(1, table.shape[1]):
+            cols[f"coalition_{coalition_name(code, mods)}"] = table[:, code].tolist()
     return cols, {**out.gates, "_tokens": tokens}
 
 

@@ -168,6 +168,17 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
     # which modality is off, per modality against the ideal observer (issue 12)
     assert "Agreement with the observer" in html
     assert "attribution/shapley/agreement_ehr_age_slope" in run.data.metrics
+    # ... and which missing-modality path: every coalition's value, the head's and the observer's
+    from clinical_moe.attribution.game import coalition_name
+
+    codes = per[[f"has_{m}" for m in mods]].to_numpy(int) @ (1 << np.arange(4))
+    own = [per.loc[i, f"coalition_{coalition_name(c, mods)}"] for i, c in enumerate(codes)]
+    np.testing.assert_allclose(own, per["log_odds"], atol=1e-4)  # v(natural) = the prediction
+    assert per.loc[~per["has_cxr"].astype(bool), "coalition_cxr"].isna().all()
+    coal = faith[faith["group"] == "coalition_agreement"]
+    assert {"coalition_all_ehr_bias", "coalition_all_ehr+ecg_resid_sd"} <= set(coal["metric"])
+    assert "Coalition values against the ideal observer" in html
+    assert not any("coalition_" in k for k in run.data.metrics)  # in the tables, not MLflow
 
 
 def test_cli_from_a_checkpoint(trained, tmp_path, monkeypatch, capsys):

@@ -228,3 +228,51 @@ def test_observer_agreement_names_the_modality_that_is_off():
     assert table.columns.name is None and "age_slope" in table
     ecg = table.set_index("modality").loc["ecg"]
     assert ecg["slope"] == 0.5 and ecg["n_stays"] == n
+
+
+def test_observer_coalition_values_are_its_game(truth_dir):
+    """``observer_coalition_<S>``: v*(S) where the stay has S (NaN elsewhere); the natural one is
+    the observer's log-odds, and their Shapley values are the observer's."""
+    from clinical_moe.attribution.game import coalition_name
+
+    stays = pd.read_csv(truth_dir / "stays.csv.gz")
+    present = stays[["stay_id", *[f"has_{m}" for m in MODS]]]
+    obs, _ = observer_attributions(truth_dir, present, MODS, dropout=0.3)
+    has = present[[f"has_{m}" for m in MODS]].to_numpy(bool)
+    codes = has.astype(int) @ (1 << np.arange(4))
+    natural = [
+        obs.loc[i, f"observer_coalition_{coalition_name(c, MODS)}"] for i, c in enumerate(codes)
+    ]
+    np.testing.assert_allclose(natural, obs["observer_log_odds"], atol=1e-12)
+    ecg = obs["observer_coalition_ecg"].to_numpy()
+    assert np.isnan(ecg[~has[:, 2]]).all() and np.isfinite(ecg[has[:, 2]]).all()
+    assert not any(c.endswith("_none") for c in obs)  # the empty coalition is the baseline
+
+
+def test_coalition_agreement_names_the_path_that_is_off():
+    """A head whose ECG-only answer is 0.5 too high on single-factor stays shows it there only."""
+    from clinical_moe.attribution.agreement import coalition_rows
+    from clinical_moe.attribution.report import coalition_table
+
+    rng = np.random.default_rng(1)
+    n = 300
+    df = pd.DataFrame({"stay_id": np.arange(n)})
+    single = np.arange(n) < 100
+    for name in ("ehr", "ecg", "ehr+ecg"):
+        v = rng.normal(-2, 1, n)
+        df[f"observer_coalition_{name}"] = v
+        df[f"coalition_{name}"] = v + (0.5 * single if name == "ecg" else 0.0)
+    df.loc[250:, ["coalition_ecg", "observer_coalition_ecg"]] = np.nan  # stays without an ECG
+    t = pd.DataFrame(coalition_rows(df, single, n_boot=100)).set_index("metric")
+    assert (t["group"] == "coalition_agreement").all()
+    assert t.loc["coalition_single_factor_ecg_bias", "value"] == pytest.approx(0.5)
+    assert t.loc["coalition_single_factor_ecg_bias", "ci_low"] > 0.4
+    assert t.loc["coalition_all_ecg_bias", "value"] == pytest.approx(0.5 * 100 / 250)
+    assert t.loc["coalition_all_ecg_bias", "n_stays"] == 250
+    for name in ("ehr", "ehr+ecg"):
+        assert t.loc[f"coalition_single_factor_{name}_bias", "value"] == pytest.approx(0.0)
+        assert t.loc[f"coalition_all_{name}_resid_sd", "value"] == pytest.approx(0.0)
+    table = coalition_table(pd.DataFrame(coalition_rows(df, single, n_boot=100)))
+    row = table.set_index("coalition").loc["ecg"]
+    assert row["single_factor_bias"] == 0.5 and row["single_factor_n"] == 100
+    assert row["all_n"] == 250 and list(table["coalition"]) == ["ehr", "ecg", "ehr+ecg"]
