@@ -309,10 +309,13 @@ def faithfulness_html(tables: dict[str, pd.DataFrame], figures: dict[str, bytes]
             _html_table(agreement_table(faith[agree])),
         ]
     if coal.any():
+        table = _cautioned(coalition_table(faith[coal]), "single_factor_n")
+        for c in ("all_n", "single_factor_n"):  # no stays in the group: a dash, as the figures
+            table[c] = table[c].astype(object).where(table[c].notna(), "–")
         parts += [
             "<h3>Coalition values against the ideal observer</h3>",
             COALITION_TEXT,
-            _html_table(_cautioned(coalition_table(faith[coal]), "single_factor_n")),
+            _html_table(table),
         ]
     syn = faith[faith["metric"].str.startswith("synergy_weight")]
     if not syn.empty:

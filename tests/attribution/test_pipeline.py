@@ -178,6 +178,7 @@ def test_attribute_writes_tables_report_and_mlflow_artifacts(trained, tmp_path, 
     coal = faith[faith["group"] == "coalition_agreement"]
     assert {"coalition_all_ehr_bias", "coalition_all_ehr+ecg_resid_sd"} <= set(coal["metric"])
     assert "Coalition values against the ideal observer" in html
+    assert "&lt;NA&gt;" not in html  # an empty group's n is a dash, like its figures
     assert not any("coalition_" in k for k in run.data.metrics)  # in the tables, not MLflow
 
 
