@@ -73,6 +73,11 @@ def coalition_bits(num_modalities: int) -> torch.Tensor:
     return 2 ** torch.arange(num_modalities)
 
 
+def coalition_code(bits: tuple) -> int:
+    """``(b_0, b_1, ...)`` (1 = modality m in the coalition) -> its code ``sum b_m 2^m``."""
+    return sum(int(b) << i for i, b in enumerate(bits))
+
+
 def coalition_name(code: int, modalities: tuple[str, ...]) -> str:
     """The coalition with ``code`` (bit m = modality m) as ``"ehr+ecg"`` (modality order)."""
     return "+".join(m for i, m in enumerate(modalities) if code >> i & 1) or "none"

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit, logit
 
-from clinical_moe.attribution.game import coalition_name
+from clinical_moe.attribution.game import coalition_code, coalition_name
 
 #: Columns of ``truth/stays.csv.gz`` the observer needs besides the factors.
 NEEDS = ("age", "in_ihm48", "n_cxr", "n_notes", "has_ehr", "has_cxr", "has_ecg", "has_notes")
@@ -189,16 +189,10 @@ def observer_attributions(
         inter = np.where(both, interaction_index(values, i, j, num), np.nan)
     out["observer_interaction_cxr_ehr"] = inter
     out["observer_log_odds"] = full
-    for bits in sorted(values, key=_code):  # v*(S) where the stay has S, as the heads' tables
-        v = values[bits]
+    # v*(S) where the stay has S, named and ordered as the heads' coalition_<S> columns
+    for bits in sorted(values, key=coalition_code):
         if any(bits):
             within = (has | ~np.array(bits, bool)[None, :]).all(1)
-            out[f"observer_coalition_{coalition_name(_code(bits), modalities)}"] = np.where(
-                within, v, np.nan
-            )
+            name = coalition_name(coalition_code(bits), modalities)
+            out[f"observer_coalition_{name}"] = np.where(within, values[bits], np.nan)
     return pd.DataFrame(out), ""
-
-
-def _code(bits: tuple) -> int:
-    """``(b_0, b_1, ...)`` -> the coalition code ``sum b_m 2^m`` of :mod:`.game`."""
-    return sum(int(b) << i for i, b in enumerate(bits))
